@@ -1,0 +1,32 @@
+# One command each on a fresh machine: `make demo`, `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.foldtune-installed
+CONFIG ?= configs/demo.yaml
+CORES  ?= 2
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+# Reinstalls only when the dependency list or the pins change; the editable install picks up code changes.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -n $(CORES) tests
+
+demo: install
+	$(PY) -m pipeline.demo --config $(CONFIG) --cores $(CORES)
+
+bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+lint: install
+	$(VENV)/bin/snakemake -s snakemake/Snakefile --configfile $(CONFIG) --lint
+
+clean:
+	rm -rf results .snakemake .pytest_cache

@@ -1,0 +1,1 @@
+"""foldtune pipeline: models, losses, training, prediction, scoring, reports and the CLI."""
