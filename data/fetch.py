@@ -1,0 +1,402 @@
+"""Download mmCIF files from RCSB (or serve them offline from a cache / local directory) — ``foldtune fetch``.
+
+- Every id ends up either fetched (``downloaded`` / ``cached`` / ``local``) or reported (``failed`` /
+  ``filtered``) in ``fetch_report.csv`` (id,chain,status,path,reason); one bad id never stops the run.
+- Cache writes are atomic (temp + rename) and a cached file counts only if it validates (gzip decompresses,
+  mmCIF with ``data_`` and a complete ``_atom_site`` loop), so a killed run never leaves a file that later
+  counts as cached.
+- Retries with exponential backoff on timeouts, 5xx/429, truncated or wrong bodies; 4xx fails at once.
+- When the network is unreachable (DNS failure, refused or unroutable connection) the run switches to
+  offline mode: cache first, then ``source_dirs`` (files whose name starts with the PDB id).
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from data.io import atomic_path, atomic_write_bytes
+
+FILES_URL = "https://files.rcsb.org/download"
+ENTRY_URL = "https://data.rcsb.org/rest/v1/core/entry"
+SEARCH_URL = "https://search.rcsb.org/rcsbsearch/v2/query"
+REPORT_COLUMNS = ["id", "chain", "status", "path", "reason"]
+_STRUCTURE_SUFFIX = re.compile(r"\.(cif|mmcif|pdb|ent)(\.gz)?$", re.I)
+_ID_CHAIN = re.compile(r"^(\d[A-Za-z0-9]{3})[_.:]([A-Za-z0-9]{1,4})$")
+
+
+class FetchError(Exception):
+    """One attempt failed. ``retry`` says whether another attempt may help."""
+
+    def __init__(self, reason: str, retry: bool, unreachable: bool = False):
+        super().__init__(reason)
+        self.retry, self.unreachable = retry, unreachable
+
+
+@dataclass
+class FetchConfig:
+    cache: Path = Path("cache/structures")
+    out: Path | None = None
+    files_url: str = FILES_URL
+    entry_url: str = ENTRY_URL
+    search_url: str = SEARCH_URL
+    timeout: float = 30.0  # seconds per socket operation
+    retries: int = 3  # extra attempts after the first
+    backoff: float = 1.0  # seconds; attempt k waits backoff * 2**(k-1)
+    offline: bool = False
+    source_dirs: list[Path] = field(default_factory=list)
+    max_resolution: float | None = None
+    methods: list[str] | None = None  # e.g. ["X-RAY DIFFRACTION"]; compared upper-case
+    max_entry_residues: int | None = None  # rcsb_entry_info.deposited_polymer_monomer_count
+    progress: bool = True
+
+
+@dataclass
+class Target:
+    id: str  # PDB id (upper case) or, offline, a file stem
+    chain: str = ""
+
+
+# ------------------------------------------------------------------------------------------- ids
+def parse_target(token: str) -> Target:
+    """``1ABC`` / ``1abc_A`` / ``1ABC.A`` / a file name (``1abc.cif.gz``, ``7sgn_C_target.pdb``)."""
+    token = Path(token.strip()).name
+    stem = _STRUCTURE_SUFFIX.sub("", token)
+    match = _ID_CHAIN.match(stem)
+    if match:
+        return Target(match.group(1).upper(), match.group(2))
+    return Target(stem.upper() if re.fullmatch(r"\d[A-Za-z0-9]{3}", stem) else stem)
+
+
+def read_ids_file(path: str | os.PathLike) -> list[Target]:
+    """Text (one id per line, ``#`` comments) or CSV with an ``id``/``pdb_id`` or ``file`` column and an
+    optional ``chain`` column (so ``data/samples/demo_chains.csv`` works)."""
+    path = Path(path)
+    text = path.read_text()
+    first = text.splitlines()[0] if text.strip() else ""
+    if "," in first:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        column = next((c for c in ("id", "pdb_id", "file") if c in frame.columns), None)
+        if column is None:
+            raise ValueError(f"{path}: columns: need id, pdb_id or file (got {list(frame.columns)})")
+        targets = []
+        for row in frame.to_dict("records"):
+            target = parse_target(row[column])
+            chain = (row.get("chain") or "").strip()
+            targets.append(Target(target.id, chain if chain not in ("_", "(blank)") else "") if chain else target)
+        return targets
+    return [parse_target(line.split("#")[0]) for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _open(url: str, timeout: float, data: bytes | None = None, headers: dict | None = None):
+    handlers = [urllib.request.ProxyHandler({})] if _is_loopback(url) else []
+    request = urllib.request.Request(url, data=data, headers={"User-Agent": "foldtune-fetch/0.1", **(headers or {})})
+    return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
+
+
+def http_get(url: str, timeout: float, data: bytes | None = None, headers: dict | None = None) -> bytes:
+    """Body of one request; raises ``FetchError`` classified for retry / unreachable network."""
+    try:
+        with _open(url, timeout, data, headers) as response:
+            body = response.read()
+            expected = response.headers.get("Content-Length")
+            if expected is not None and expected.isdigit() and len(body) < int(expected):
+                raise FetchError(f"truncated body ({len(body)} of {expected} bytes)", retry=True)
+            return body
+    except FetchError:
+        raise
+    except urllib.error.HTTPError as exc:
+        retry = exc.code >= 500 or exc.code == 429
+        raise FetchError(f"HTTP {exc.code} {exc.reason}", retry=retry) from None
+    except (socket.timeout, TimeoutError) as exc:
+        raise FetchError(f"timeout after {timeout} s", retry=True) from exc
+    except http.client.IncompleteRead as exc:
+        raise FetchError(f"truncated body ({len(exc.partial)} bytes read)", retry=True) from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            raise FetchError(f"timeout after {timeout} s", retry=True) from None
+        unreachable = isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or (
+            isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES))
+        if unreachable:
+            raise FetchError(f"network unreachable ({reason})", retry=False, unreachable=True) from None
+        raise FetchError(f"connection error ({reason})", retry=True) from None
+    except (ConnectionError, http.client.HTTPException, OSError) as exc:
+        raise FetchError(f"connection error ({type(exc).__name__}: {exc})", retry=True) from None
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _loop_row_fields(line: str) -> int:
+    return len(re.findall(r"'[^']*'|\"[^\"]*\"|\S+", line))
+
+
+def validate_mmcif(payload: bytes, require_terminator: bool = True) -> str:
+    """The mmCIF text of ``payload`` (gzip or plain); raises ``ValueError`` if it is not a complete mmCIF.
+
+    Complete = decompresses, starts with ``data_``, has an ``_atom_site`` loop whose last row has one value
+    per column and (for RCSB downloads) is closed by ``#`` or another item before the end of the file.
+    """
+    if payload[:2] == b"\x1f\x8b":
+        try:
+            payload = gzip.decompress(payload)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ValueError(f"gzip: corrupt or truncated ({exc})") from None
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("body: not UTF-8 text (binary?)") from None
+    if not text.lstrip().startswith("data_"):
+        raise ValueError(f"body: not mmCIF (starts with {text.lstrip()[:30]!r})")
+    lines = text.splitlines()
+    columns, rows, closed = 0, 0, False
+    last_row = ""
+    for index, line in enumerate(lines):
+        if line.startswith("_atom_site."):
+            columns += 1
+            continue
+        if columns and not closed:
+            stripped = line.strip()
+            if stripped.startswith(("#", "_", "loop_", "data_")):
+                closed = True
+                break
+            if stripped:
+                rows += 1
+                last_row = stripped
+    if not columns or not rows:
+        raise ValueError("body: mmCIF without _atom_site records")
+    if _loop_row_fields(last_row) != columns:
+        raise ValueError(f"body: truncated _atom_site loop (last row has {_loop_row_fields(last_row)} of {columns} values)")
+    if require_terminator and not closed:
+        raise ValueError("body: truncated (_atom_site loop not closed before end of file)")
+    return text
+
+
+# ------------------------------------------------------------------------------------------- fetcher
+class Fetcher:
+    """Fetch targets into ``config.cache`` (``<id>.cif.gz``) and link/copy them into ``config.out``."""
+
+    def __init__(self, config: FetchConfig):
+        self.config = config
+        self.offline = config.offline
+        self.offline_reason = "--offline" if config.offline else ""
+        self.requests = 0
+
+    # -- small helpers
+    def cache_path(self, pdb_id: str) -> Path:
+        return self.config.cache / f"{pdb_id.lower()}.cif.gz"
+
+    def _cached(self, pdb_id: str) -> Path | None:
+        path = self.cache_path(pdb_id)
+        if not path.is_file():
+            return None
+        try:
+            validate_mmcif(path.read_bytes())
+        except ValueError:
+            return None  # a corrupt cache entry is downloaded again (and replaced atomically)
+        return path
+
+    def _local(self, target_id: str) -> Path | None:
+        wanted = target_id.lower()
+        candidates = []
+        for directory in self.config.source_dirs:
+            for path in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []:
+                if not path.is_file() or not _STRUCTURE_SUFFIX.search(path.name):
+                    continue
+                stem = _STRUCTURE_SUFFIX.sub("", path.name).lower()
+                if stem == wanted:
+                    return path
+                if stem.startswith(wanted) and not stem[len(wanted)].isalnum():
+                    candidates.append(path)
+        return candidates[0] if candidates else None
+
+    def _request(self, url: str, data: bytes | None = None, headers: dict | None = None,
+                 validate=None) -> bytes:
+        """GET/POST with retries; ``validate(body)`` raising ValueError counts as a retryable failure."""
+        attempts = self.config.retries + 1
+        last = "no attempt"
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.config.backoff * 2 ** (attempt - 1))
+            self.requests += 1
+            try:
+                body = http_get(url, self.config.timeout, data, headers)
+                if validate is not None:
+                    validate(body)
+                return body
+            except FetchError as exc:
+                last = str(exc)
+                if exc.unreachable:
+                    raise
+                if not exc.retry:
+                    break
+            except ValueError as exc:
+                last = str(exc)
+        raise FetchError(f"{last} (after {attempt + 1} attempt{'s' if attempt else ''})", retry=False)
+
+    def _go_offline(self, reason: str) -> None:
+        if not self.offline:
+            self.offline = True
+            self.offline_reason = reason
+            print(f"fetch: network unreachable ({reason}); continuing offline from cache and --source-dir")
+
+    # -- metadata and search
+    def entry_metadata(self, pdb_id: str) -> dict:
+        body = self._request(f"{self.config.entry_url.rstrip('/')}/{pdb_id.upper()}", validate=json.loads)
+        return json.loads(body)
+
+    def filter_reason(self, metadata: dict) -> str | None:
+        info = metadata.get("rcsb_entry_info") or {}
+        config = self.config
+        if config.methods:
+            methods = {m.get("method", "").upper() for m in metadata.get("exptl") or []}
+            if not methods & {m.upper() for m in config.methods}:
+                return f"method {sorted(methods)} not in {config.methods}"
+        if config.max_resolution is not None:
+            resolution = (info.get("resolution_combined") or [None])[0]
+            if resolution is None:
+                return "no resolution in entry metadata"
+            if float(resolution) > config.max_resolution:
+                return f"resolution {resolution} > {config.max_resolution}"
+        if config.max_entry_residues is not None:
+            residues = info.get("deposited_polymer_monomer_count")
+            if residues is not None and int(residues) > config.max_entry_residues:
+                return f"entry has {residues} polymer residues > {config.max_entry_residues}"
+        return None
+
+    def search(self, query: dict, max_results: int | None = None) -> list[Target]:
+        """Run an RCSB Search API v2 query; entry, entity (1ABC_1) and instance (1ABC.A) ids are accepted."""
+        query = json.loads(json.dumps(query))
+        if max_results:
+            options = query.setdefault("request_options", {})
+            options.setdefault("paginate", {"start": 0, "rows": int(max_results)})
+        body = self._request(self.config.search_url, data=json.dumps(query).encode(),
+                             headers={"Content-Type": "application/json"}, validate=json.loads)
+        results = json.loads(body).get("result_set", []) if body.strip() else []
+        targets = []
+        for item in results[: max_results or None]:
+            identifier = item["identifier"] if isinstance(item, dict) else str(item)
+            entry, _, chain = identifier.partition(".")
+            targets.append(Target(entry.split("_")[0].upper(), chain))
+        return targets
+
+    # -- one target
+    def _download(self, pdb_id: str) -> Path:
+        url = f"{self.config.files_url.rstrip('/')}/{pdb_id.upper()}.cif"
+        body = self._request(url, headers={"Accept-Encoding": "gzip"}, validate=validate_mmcif)
+        payload = body if body[:2] == b"\x1f\x8b" else gzip.compress(body, mtime=0)
+        path = self.cache_path(pdb_id)
+        atomic_write_bytes(path, payload)
+        return path
+
+    def _place(self, source: Path) -> Path:
+        """Hard link (or copy) ``source`` into ``out`` atomically; returns the path in ``out``."""
+        if self.config.out is None:
+            return source
+        destination = Path(self.config.out) / source.name
+        if destination.exists() and destination.samefile(source):
+            return destination
+        with atomic_path(destination) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+        return destination
+
+    def fetch_one(self, target: Target, metadata_checked: dict) -> dict:
+        row = {"id": target.id, "chain": target.chain, "status": "failed", "path": "", "reason": ""}
+        is_pdb_id = bool(re.fullmatch(r"\d[A-Z0-9]{3}", target.id))
+        try:
+            if is_pdb_id and not self.offline and self._needs_metadata():
+                if target.id not in metadata_checked:
+                    try:
+                        metadata_checked[target.id] = self.filter_reason(self.entry_metadata(target.id))
+                    except FetchError as exc:
+                        if exc.unreachable:
+                            raise
+                        metadata_checked[target.id] = None  # no metadata: prepare still filters chains
+                        row["reason"] = f"entry metadata unavailable ({exc}); filters not applied"
+                if metadata_checked[target.id]:
+                    row.update(status="filtered", reason=metadata_checked[target.id])
+                    return row
+            source, status = (self._cached(target.id), "cached") if is_pdb_id else (None, "")
+            if source is None and is_pdb_id and not self.offline:
+                source, status = self._download(target.id), "downloaded"
+        except FetchError as exc:
+            if not exc.unreachable:
+                row["reason"] = f"{target.id}: {exc}"
+                local = self._local(target.id)
+                if local is None:
+                    return row
+                source, status = local, "local"
+                row["reason"] += "; served from --source-dir"
+            else:
+                self._go_offline(str(exc))
+                source, status = None, ""
+        if source is None:
+            source, status = self._local(target.id), "local"
+        if source is None:
+            where = "cache" + (" or --source-dir" if self.config.source_dirs else "")
+            mode = f"offline ({self.offline_reason})" if self.offline else "not a PDB id"
+            row["reason"] = f"{target.id}: not in {where}; {mode}"
+            return row
+        row.update(status=status, path=str(self._place(source)))
+        return row
+
+    def _needs_metadata(self) -> bool:
+        c = self.config
+        return c.max_resolution is not None or bool(c.methods) or c.max_entry_residues is not None
+
+    def run(self, targets: Sequence[Target]) -> pd.DataFrame:
+        from rich.progress import Progress
+
+        rows, fetched = [], {}
+        metadata_checked: dict[str, str | None] = {}
+        with Progress(disable=not self.config.progress, transient=True) as bar:
+            task = bar.add_task("fetch", total=len(targets))
+            for target in targets:
+                key = target.id
+                if key in fetched:  # another chain of an id already handled: same file, no second request
+                    rows.append({**fetched[key], "chain": target.chain})
+                else:
+                    try:
+                        row = self.fetch_one(target, metadata_checked)
+                    except Exception as exc:  # a bug or odd error for one id must not lose the others
+                        row = {"id": target.id, "chain": target.chain, "status": "failed", "path": "",
+                               "reason": f"{target.id}: {type(exc).__name__}: {exc}"}
+                    fetched[key] = row
+                    rows.append(row)
+                bar.advance(task)
+        return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+
+
+def fetch(targets: Iterable[Target], config: FetchConfig, report: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Fetch every target and write ``fetch_report.csv`` (atomically) to ``report`` (default: out or cache dir)."""
+    targets = list(targets)
+    frame = Fetcher(config).run(targets)
+    report = Path(report) if report else Path(config.out or config.cache) / "fetch_report.csv"
+    with atomic_path(report) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame

@@ -1,0 +1,290 @@
+"""Score predicted structures against references: residue matching + the metrics of ``pipeline.metrics``.
+
+- :func:`match_residues` pairs model and reference residues by residue number + insertion code (like
+  ``TMscore``) or by a global sequence alignment (``align="sequence"``, like ``TMscore -seq``).
+- :func:`score_chains` / :func:`score_pair` return one dict with :data:`METRIC_KEYS`.
+- :func:`score_table` scores a CSV of pairs (batch mode); :func:`score_predictions` scores a prediction
+  directory against a dataset (workflow mode, docs/design.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from data.structure import ProteinChain, read_chain
+from pipeline import metrics
+
+METRIC_KEYS: tuple[str, ...] = ("tm_score", "gdt_ts", "gdt_ha", "rmsd", "lddt", "lddt_ca", "n_aligned", "l_ref")
+ALIGN_MODES: tuple[str, ...] = ("number", "sequence")
+
+
+def _describe(chain: ProteinChain) -> str:
+    return chain.source_file or f"{chain.pdb_id}_{chain.chain}"
+
+
+def match_residues(model: ProteinChain, ref: ProteinChain, align: str = "number") -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(model_idx, ref_idx)`` of matched residues, in model order.
+
+    ``align="number"``: same author residue number and insertion code (each model residue takes the first
+    reference residue with that key, as TMscore does). ``align="sequence"``: global alignment of the two
+    sequences (Biopython PairwiseAligner, BLOSUM62, gap open -11 / extend -1, free end gaps); aligned
+    positions are matched whatever their residue numbers.
+    """
+    if align == "number":
+        first: dict[tuple[int, str], int] = {}
+        for j, key in enumerate(zip(ref.residue_index.tolist(), ref.insertion_code.tolist())):
+            first.setdefault((int(key[0]), str(key[1]).strip()), j)
+        pairs = [
+            (i, first[(int(number), str(code).strip())])
+            for i, (number, code) in enumerate(zip(model.residue_index.tolist(), model.insertion_code.tolist()))
+            if (int(number), str(code).strip()) in first
+        ]
+    elif align == "sequence":
+        pairs = _sequence_pairs(model.sequence, ref.sequence)
+    else:
+        raise ValueError(f"align: must be one of {ALIGN_MODES}, got {align!r}")
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    model_idx, ref_idx = (np.asarray(v, dtype=np.int64) for v in zip(*pairs))
+    return model_idx, ref_idx
+
+
+def _sequence_pairs(model_seq: str, ref_seq: str) -> list[tuple[int, int]]:
+    from Bio.Align import PairwiseAligner, substitution_matrices
+
+    aligner = PairwiseAligner()
+    aligner.mode = "global"
+    aligner.substitution_matrix = substitution_matrices.load("BLOSUM62")
+    aligner.open_gap_score, aligner.extend_gap_score = -11.0, -1.0
+    aligner.end_gap_score = 0.0  # a model may cover more or less than the reference
+    alignment = aligner.align(model_seq.replace("X", "X"), ref_seq)[0]
+    pairs = []
+    for (m_lo, m_hi), (r_lo, r_hi) in zip(*alignment.aligned):
+        pairs.extend(zip(range(m_lo, m_hi), range(r_lo, r_hi)))
+    return pairs
+
+
+def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "number") -> dict:
+    """All metrics of ``model`` against ``ref`` (normalised by the reference length).
+
+    Returns a dict with ``tm_score, gdt_ts, gdt_ha, rmsd`` (CA, TMscore search / Kabsch RMSD over the
+    matched residues), ``lddt`` (all-atom) and ``lddt_ca`` (OST conventions; reference residues missing
+    in the model count as not preserved), ``n_aligned`` and ``l_ref``.
+    Raises ValueError naming both structures when no residue can be matched.
+    """
+    model_idx, ref_idx = match_residues(model, ref, align)
+    ca = metrics.CA_INDEX
+    has_ca = (model.atom37_mask[model_idx, ca] > 0) & (ref.atom37_mask[ref_idx, ca] > 0)
+    model_idx, ref_idx = model_idx[has_ca], ref_idx[has_ca]
+    if model_idx.size == 0:
+        raise ValueError(
+            f"{_describe(model)} vs {_describe(ref)}: residues: no common residues "
+            f"(align={align!r}; model numbers {_span(model)}, reference numbers {_span(ref)})"
+        )
+    l_ref = int((ref.atom37_mask[:, ca] > 0).sum())
+    found = metrics.tm_score(
+        model.atom37_positions[model_idx, ca], ref.atom37_positions[ref_idx, ca], l_ref=l_ref
+    )
+    # Model atoms laid out on the reference residues; unmatched reference residues stay masked.
+    pred_pos = np.zeros_like(ref.atom37_positions)
+    pred_mask = np.zeros_like(ref.atom37_mask)
+    pred_pos[ref_idx] = model.atom37_positions[model_idx]
+    same_type = model.aatype[model_idx] == ref.aatype[ref_idx]
+    # A mutated residue keeps only the atoms both residue types share (by atom37 name).
+    pred_mask[ref_idx] = model.atom37_mask[model_idx] * np.where(same_type[:, None], 1.0, ref.atom37_mask[ref_idx])
+    lddt_all = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, aatype=ref.aatype)
+    lddt_ca = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, ca_only=True)
+    return {
+        "tm_score": found["tm_score"],
+        "gdt_ts": found["gdt_ts"],
+        "gdt_ha": found["gdt_ha"],
+        "rmsd": found["rmsd"],
+        "lddt": lddt_all,
+        "lddt_ca": lddt_ca,
+        "n_aligned": int(model_idx.size),
+        "l_ref": l_ref,
+    }
+
+
+def _span(chain: ProteinChain) -> str:
+    if len(chain.residue_index) == 0:
+        return "none"
+    return f"{int(chain.residue_index.min())}..{int(chain.residue_index.max())}"
+
+
+def score_pair(
+    model_path: str | os.PathLike,
+    ref_path: str | os.PathLike,
+    chain1: str | None = None,
+    chain2: str | None = None,
+    model1: int = 1,
+    model2: int = 1,
+    align: str = "number",
+) -> dict:
+    """Read ``model_path`` (chain1, model1) and ``ref_path`` (chain2, model2) and :func:`score_chains` them."""
+    model = read_chain(model_path, chain=chain1, model=model1)
+    ref = read_chain(ref_path, chain=chain2, model=model2)
+    try:
+        return score_chains(model, ref, align=align)
+    except ValueError as exc:
+        if "no common residues" in str(exc):
+            raise ValueError(f"{model_path} vs {ref_path}: residues: no common residues (align={align!r})") from exc
+        raise
+
+
+def _progress(total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        transient=False,
+    )
+    return progress, progress.add_task(description, total=total)
+
+
+def _run_rows(rows: Iterable, n_rows: int, score_row: Callable, description: str, show_progress: bool) -> list[dict]:
+    records = []
+    if show_progress:
+        progress, task = _progress(n_rows, description)
+        with progress:
+            for row in rows:
+                records.append(score_row(row))
+                progress.advance(task)
+    else:
+        records = [score_row(row) for row in rows]
+    return records
+
+
+def _cell(row, name: str):
+    value = row.get(name) if hasattr(row, "get") else None
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return None
+    return str(value).strip()
+
+
+def score_table(
+    pairs_csv: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    align: str = "number",
+    show_progress: bool = True,
+):
+    """Batch mode: score every row ``id,model,ref[,chain1,chain2]`` of ``pairs_csv`` into ``out_csv``.
+
+    Relative paths are resolved against the CSV's folder. The output (columns ``id`` + metric keys) is
+    written atomically; returns the DataFrame.
+    """
+    import pandas as pd
+
+    from data.io import atomic_path
+
+    pairs_csv = Path(pairs_csv)
+    table = pd.read_csv(pairs_csv, dtype=str, keep_default_na=False)
+    missing = {"id", "model", "ref"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{pairs_csv}: columns: missing {sorted(missing)} (need id,model,ref[,chain1,chain2])")
+    base = pairs_csv.parent
+
+    def resolve(path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else base / p
+
+    def score_row(row) -> dict:
+        result = score_pair(
+            resolve(row["model"]), resolve(row["ref"]), chain1=_cell(row, "chain1"), chain2=_cell(row, "chain2"),
+            align=align,
+        )
+        return {"id": row["id"], **result}
+
+    rows = [row for _, row in table.iterrows()]
+    records = _run_rows(rows, len(rows), score_row, "scoring", show_progress)
+    frame = pd.DataFrame(records, columns=["id", *METRIC_KEYS])
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
+def _load_native(npz_path: Path) -> ProteinChain:
+    """Native chain of a dataset: ``data.dataset.load_chain`` when available, else the npz keys of design.md."""
+    try:
+        from data.dataset import load_chain  # type: ignore[attr-defined]
+    except ImportError:
+        load_chain = None
+    if load_chain is not None:
+        return load_chain(npz_path)
+    try:
+        with np.load(npz_path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{npz_path}: npz: cannot read ({exc})") from exc
+    required = ("aatype", "residue_index", "atom37_positions", "atom37_mask")
+    for key in required:
+        if key not in arrays:
+            raise ValueError(f"{npz_path}: {key}: missing from the chain file")
+    n_res = len(arrays["aatype"])
+    insertion = arrays.get("insertion_code", np.full(n_res, "", dtype="<U1"))
+    sequence = str(arrays["sequence"]) if "sequence" in arrays else ""
+    return ProteinChain(
+        pdb_id=npz_path.stem.split("_")[0], chain=npz_path.stem.split("_", 1)[-1], model=1, sequence=sequence,
+        aatype=arrays["aatype"].astype(np.int64), residue_index=arrays["residue_index"].astype(np.int64),
+        insertion_code=insertion.astype("<U1"), atom37_positions=arrays["atom37_positions"].astype(np.float32),
+        atom37_mask=arrays["atom37_mask"].astype(np.float32),
+        b_factors=np.zeros_like(arrays["atom37_mask"], dtype=np.float32), source_file=str(npz_path),
+    )
+
+
+def score_predictions(
+    predictions_csv: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    align: str = "number",
+    show_progress: bool = True,
+):
+    """Workflow mode: score ``PRED_DIR/predictions.csv`` rows against the dataset natives.
+
+    Each row's ``pdb`` (relative to the CSV's folder unless absolute) is scored against
+    ``DATASET/chains/<chain_id>.npz`` (path from ``manifest.csv``'s ``npz`` column when present). Output
+    columns: ``chain_id`` + metric keys + ``mean_plddt``; written atomically. Returns the DataFrame.
+    """
+    import pandas as pd
+
+    from data.io import atomic_path
+
+    predictions_csv, dataset_dir = Path(predictions_csv), Path(dataset_dir)
+    table = pd.read_csv(predictions_csv, dtype={"chain_id": str, "pdb": str}, keep_default_na=False)
+    for column in ("chain_id", "pdb"):
+        if column not in table.columns:
+            raise ValueError(f"{predictions_csv}: {column}: missing column (need chain_id,pdb[,mean_plddt])")
+    manifest_path = dataset_dir / "manifest.csv"
+    if not manifest_path.is_file():
+        raise ValueError(f"{manifest_path}: file: dataset manifest not found")
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False).set_index("chain_id", drop=False)
+
+    def native_path(chain_id: str) -> Path:
+        if chain_id not in manifest.index:
+            raise ValueError(f"{manifest_path}: chain_id: {chain_id!r} (from {predictions_csv}) not in the dataset")
+        npz = manifest.loc[chain_id].get("npz", "") if "npz" in manifest.columns else ""
+        path = Path(npz) if npz else Path("chains") / f"{chain_id}.npz"
+        return path if path.is_absolute() else dataset_dir / path
+
+    def score_row(row) -> dict:
+        pdb = Path(row["pdb"])
+        pdb = pdb if pdb.is_absolute() else predictions_csv.parent / pdb
+        model = read_chain(pdb)
+        native = _load_native(native_path(row["chain_id"]))
+        try:
+            result = score_chains(model, native, align=align)
+        except ValueError as exc:
+            raise ValueError(f"{pdb} vs {native.source_file}: {exc}") from exc
+        plddt = row.get("mean_plddt", np.nan)
+        return {"chain_id": row["chain_id"], **result, "mean_plddt": float(plddt) if str(plddt) != "" else np.nan}
+
+    rows = [row for _, row in table.iterrows()]
+    records = _run_rows(rows, len(rows), score_row, "scoring predictions", show_progress)
+    frame = pd.DataFrame(records, columns=["chain_id", *METRIC_KEYS, "mean_plddt"])
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame

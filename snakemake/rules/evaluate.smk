@@ -1,0 +1,55 @@
+# Predict every evaluated split with every run (the untuned base included) and with the baselines; score them.
+
+
+rule predict:
+    input:
+        run=f"{EXP}/runs/{{run}}/summary.json",
+        manifest=MANIFEST,
+        splits=SPLITS,
+    output:
+        f"{EXP}/predictions/{{run}}/{{split}}/predictions.csv",
+    params:
+        run=f"{EXP}/runs/{{run}}",
+        dataset=DATASET,
+        out=f"{EXP}/predictions/{{run}}/{{split}}",
+    log:
+        f"{LOGS}/predict/{{run}}_{{split}}.log",
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "OMP_NUM_THREADS={threads} foldtune predict --run {params.run} --dataset {params.dataset} "
+        "--splits {input.splits} --split {wildcards.split} --out {params.out} > {log} 2>&1"
+
+
+rule predict_baseline:
+    input:
+        manifest=MANIFEST,
+        splits=SPLITS,
+    output:
+        f"{EXP}/predictions/{{baseline}}/{{split}}/predictions.csv",
+    params:
+        name=baseline_cli_name,
+        dataset=DATASET,
+        out=f"{EXP}/predictions/{{baseline}}/{{split}}",
+    log:
+        f"{LOGS}/predict/{{baseline}}_{{split}}.log",
+    shell:
+        "foldtune predict --baseline {params.name} --dataset {params.dataset} --splits {input.splits} "
+        "--split {wildcards.split} --out {params.out} > {log} 2>&1"
+
+
+rule score:
+    input:
+        predictions=score_input,
+        manifest=MANIFEST,
+    output:
+        f"{EXP}/scores/{{scored}}/{{split}}.csv",
+    params:
+        dataset=DATASET,
+    log:
+        f"{LOGS}/score/{{scored}}_{{split}}.log",
+    shell:
+        "foldtune score --predictions {input.predictions} --dataset {params.dataset} --out {output} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# Tables, plots, report.md / report.html / summary.csv from every run summary, training log and score table.
+
+
+rule report:
+    input:
+        scores=all_scores(),
+        summaries=all_summaries(),
+    output:
+        md=f"{EXP}/report.md",
+        html=f"{EXP}/report.html",
+        summary=f"{EXP}/summary.csv",
+    params:
+        results=EXP,
+        config=RESOLVED_CONFIG,
+        runs=report_runs,
+        digest=report_digest,
+    log:
+        f"{LOGS}/report.log",
+    shell:
+        "foldtune report --results {params.results} --out {params.results} --config {params.config} "
+        "--runs {params.runs} > {log} 2>&1"
