@@ -25,6 +25,7 @@ from transformers.models.esm.openfold_utils import Rigid
 from transformers.models.esm.openfold_utils import residue_constants as rc
 
 from pipeline.features import make_ground_truth
+from pipeline.metrics import lddt_ca
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -33,7 +34,6 @@ __all__ = [
     "compute_fape",
     "distogram_loss",
     "folding_loss",
-    "lddt_ca_per_residue",
     "plddt_loss",
     "rename_symmetric_ground_truth",
     "sidechain_fape",
@@ -252,26 +252,6 @@ def distogram_loss(
     return _masked_mean(errors, pair_mask, dims=(-2, -1)).mean()
 
 
-@torch.no_grad()
-def lddt_ca_per_residue(
-    pred_ca: torch.Tensor, true_ca: torch.Tensor, ca_mask: torch.Tensor, cutoff: float = 15.0
-) -> torch.Tensor:
-    """Per-residue CA lDDT in [0, 1] (Mariani et al. 2013; AF2 Alg. 29 target).
-
-    For residue i: the pairs (i, j), j != i, with both CA observed and true distance < cutoff Å; score =
-    mean over those pairs and over thresholds 0.5, 1, 2, 4 Å of [|d_pred - d_true| < threshold].
-    Residues with no such pair score 0. Shapes: (B, L, 3), (B, L, 3), (B, L) -> (B, L).
-    """
-    pred_d = torch.cdist(pred_ca.float(), pred_ca.float(), compute_mode="donot_use_mm_for_euclid_dist")
-    true_d = torch.cdist(true_ca.float(), true_ca.float(), compute_mode="donot_use_mm_for_euclid_dist")
-    length = true_ca.shape[-2]
-    not_self = 1.0 - torch.eye(length, device=true_ca.device)
-    scored = (true_d < cutoff).float() * ca_mask[..., :, None].float() * ca_mask[..., None, :].float() * not_self
-    error = (pred_d - true_d).abs()
-    preserved = sum((error < threshold).float() for threshold in (0.5, 1.0, 2.0, 4.0)) / 4.0
-    return _masked_mean(preserved, scored, dims=(-1,))
-
-
 def plddt_loss(
     lddt_logits_ca: torch.Tensor,
     pred_ca: torch.Tensor,
@@ -283,8 +263,10 @@ def plddt_loss(
 ) -> torch.Tensor:
     """pLDDT head loss, AF2 Alg. 29 predictPerResidueLDDT_Ca.
 
-    Target: bin = floor(lddt_ca · no_bins) (clipped to no_bins - 1) of the CA lDDT of the (detached)
-    prediction against the truth at R0 = `cutoff` Å; loss = cross-entropy of the logits.
+    Target: bin = floor(lddt_ca · no_bins) (clipped to no_bins - 1) of the per-residue CA lDDT of the
+    (detached) prediction against the truth (`pipeline.metrics.lddt_ca`: pairs of observed true CAs
+    within R0 = `cutoff` Å, thresholds 0.5/1/2/4 Å; a residue without pairs scores 0); loss =
+    cross-entropy of the logits.
 
     Args:
         lddt_logits_ca: (B, L, no_bins) -- ESMFold `lddt_head[-1][..., 1, :]`.
@@ -292,7 +274,7 @@ def plddt_loss(
         example_weight: optional (B,) 0/1, e.g. openfold trains pLDDT only on 0.1–3 Å resolution chains.
     Returns: scalar, nats, averaged over residues with an observed CA, then over the batch.
     """
-    score = lddt_ca_per_residue(pred_ca.detach(), true_ca, ca_mask, cutoff=cutoff)
+    score = lddt_ca(pred_ca.detach(), true_ca, ca_mask, per_residue=True, cutoff=cutoff)
     target = torch.clamp(torch.floor(score * no_bins).long(), max=no_bins - 1)
     errors = F.cross_entropy(lddt_logits_ca.movedim(-1, 1).float(), target, reduction="none")  # (B, L)
     per_example = _masked_mean(errors, ca_mask, dims=(-1,))

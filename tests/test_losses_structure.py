@@ -58,7 +58,7 @@ def outputs_from_truth(gt, n_sm: int = N_SM, garbage_in_padding: bool = True) ->
         return torch.where(where, torch.randn(x.shape, generator=gen) * 10, x)
 
     frames7 = Rigid.from_tensor_4x4(gt["backbone_frames"]).to_tensor_7()
-    frames7 = torch.where(pad[..., None], Rigid.identity(pad.shape, fmt="quat").to_tensor_7(), frames7)
+    frames7 = torch.where(pad[..., None], Rigid.identity(pad.shape, requires_grad=False, fmt="quat").to_tensor_7(), frames7)
     unit = torch.tensor([0.0, 1.0])
     angles = torch.where(gt["torsion_angles_mask"][..., None].bool(), gt["torsion_angles_sin_cos"], unit)
     repeat = lambda x: x[None].repeat(n_sm, *([1] * x.dim()))  # noqa: E731
@@ -195,8 +195,6 @@ def test_plddt_target_bins_by_hand():
     pred_ca = torch.tensor([[[0.0, 0, 0], [3.8, 0, 0], [9.1, 0, 0]]])  # residue 3 off by 1.5 Å
     mask = torch.ones(1, 3)
     # |Δd| = 1.5 Å passes the 2 and 4 Å thresholds (1/2), 0 passes all: lDDT = (0.75, 0.75, 0.5)
-    score = losses.lddt_ca_per_residue(pred_ca, true_ca, mask)
-    assert torch.allclose(score, torch.tensor([[0.75, 0.75, 0.5]]))
     logits = torch.nn.functional.one_hot(torch.tensor([[37, 37, 25]]), 50).float() * 100.0  # floor(50·lDDT)
     assert losses.plddt_loss(logits, pred_ca, true_ca, mask).item() < 1e-6
     shifted = torch.nn.functional.one_hot(torch.tensor([[38, 37, 25]]), 50).float() * 100.0
@@ -204,10 +202,12 @@ def test_plddt_target_bins_by_hand():
     assert losses.plddt_loss(torch.zeros(1, 3, 50), pred_ca, true_ca, mask).item() == pytest.approx(math.log(50), rel=1e-6)
     # Residue 3 missing in the truth: it is neither scored nor a partner; residues 1-2 then score 1.0 -> bin 49.
     part = torch.tensor([[1.0, 1.0, 0.0]])
-    assert torch.allclose(losses.lddt_ca_per_residue(pred_ca, true_ca, part)[0, :2], torch.ones(2))
-    # Pairs beyond the 15 Å inclusion radius are not scored.
+    top = torch.nn.functional.one_hot(torch.tensor([[49, 49, 0]]), 50).float() * 100.0
+    assert losses.plddt_loss(top, pred_ca, true_ca, part).item() < 1e-6
+    # With no pair inside the 15 Å inclusion radius a residue's target is bin 0.
     spread = true_ca * 10
-    assert torch.allclose(losses.lddt_ca_per_residue(spread, spread, mask), torch.zeros(1, 3))
+    bottom = torch.nn.functional.one_hot(torch.zeros(1, 3, dtype=torch.long), 50).float() * 100.0
+    assert losses.plddt_loss(bottom, spread, spread, mask).item() < 1e-6
 
 
 def test_chi_loss_by_hand_and_pi_periodic_chis():
