@@ -229,6 +229,10 @@ def validate(cfg: dict) -> None:
 
     adapter = cfg["adapter"]
     _choice(adapter["method"], "adapter.method", METHODS)
+    if cfg["kind"] == "lm":
+        _check(adapter["part"] != "trunk", "adapter.part",
+               "a language model has no trunk (use stem or all with kind lm)", adapter["part"])
+        _check(not model["train_heads"], "model.train_heads", "only for kind fold", model["train_heads"])
     _int(cfg, "adapter.rank", minimum=1)
     _number(cfg, "adapter.alpha")
     _check(isinstance(adapter["targets"], (list, tuple)) and len(adapter["targets"]) > 0,

@@ -43,7 +43,9 @@ def build_language_model(model_cfg: dict) -> ESM2:
         unknown = set(size) - set(TINY_LM)
         if unknown:
             raise ValueError(f"model.size.{sorted(unknown)[0]}: unknown for kind lm ({', '.join(TINY_LM)})")
-        return ESM2(alphabet=alphabet(), token_dropout=True, **size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random LM weights are a function of the config alone
+            return ESM2(alphabet=alphabet(), token_dropout=True, **size)
     if not source:
         raise ValueError("model.esm2: kind lm needs a fair-esm name or a local .pt (or model.source: random)")
     on_meta = torch.empty(0).device.type == "meta"

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from transformers.models.esm.openfold_utils import residue_constants as rc
 
-Array = "np.ndarray | torch.Tensor"
-
 CA_INDEX: int = rc.atom_order["CA"]
 GDT_TS_CUTOFFS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
 GDT_HA_CUTOFFS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -213,7 +211,6 @@ def _tm_search(x: torch.Tensor, y: torch.Tensor, l_ref: float, max_iter: int = 2
         lengths.append(torch.full_like(s, length))
     start, length = torch.cat(starts), torch.cat(lengths)
     sums = prefix[start + length] - prefix[start]
-    columns = torch.arange(n)
     mask = None  # the seed windows are only materialised if needed (never: no convergence test at step 0)
 
     best_tm = -1.0
@@ -221,36 +218,43 @@ def _tm_search(x: torch.Tensor, y: torch.Tensor, l_ref: float, max_iter: int = 2
     generator = torch.Generator().manual_seed(0)
     hash_weights = torch.randint(-(2**62), 2**62, (n,), generator=generator, dtype=torch.long)
     inv_d02 = 1.0 / (d0 * d0)
+    seen = torch.zeros(0, dtype=torch.long)
 
     for step in range(max_iter + 1):
         rot, trans = _fit_from_sums(sums)
         dist2 = (_distance_coefficients(rot, trans) @ feats_t + norms).clamp_(min=0.0)  # (C, n)
-        best_tm = max(best_tm, float((1.0 / (1.0 + dist2 * inv_d02)).sum(-1).max()) / l_ref)
         for k in range(len(_GDT_CUTOFFS)):
-            best_gdt[k] = max(int(best_gdt[k]), int((dist2 <= cut2[k]).sum(-1).max()))
-        if step == max_iter:
-            break
+            best_gdt[k] = max(int(best_gdt[k]), int(torch.count_nonzero(dist2 <= cut2[k], dim=-1).max()))
         # Pairs closer than d0_search -/+ 1 define the next fit; widen by 0.5 A until >= 3 pairs.
         base = d0_search + (1.0 if step > 0 else -1.0)
         new_mask = dist2 < base * base
-        if n > 3:
-            few = new_mask.sum(-1) < 3
+        if n > 3 and step < max_iter:
+            few = torch.count_nonzero(new_mask, dim=-1) < 3
             if bool(few.any()):
                 third = torch.kthvalue(dist2[few], 3, dim=-1).values.sqrt()
                 cutoff = base + 0.5 * (torch.floor((third - base) / 0.5) + 1.0)
                 new_mask[few] = dist2[few] < (cutoff * cutoff)[:, None]
+        tm_terms = torch.reciprocal_(dist2.mul_(inv_d02).add_(1.0))  # in place: dist2 is not used below
+        best_tm = max(best_tm, float(tm_terms.sum(-1).max()) / l_ref)
+        if step == max_iter:
+            break
         if mask is not None:  # candidates whose pair set did not change have converged
             moving = (new_mask != mask).any(-1)
             new_mask = new_mask[moving]
         if new_mask.shape[0] == 0:
             break
+        # A pair set already reached (at this round or an earlier one, i.e. with at least as many rounds
+        # left) has a known future: fits are a function of the pair set alone. Follow each set once.
         keys = (new_mask.long() * hash_weights).sum(-1)
         unique, inverse = torch.unique(keys, return_inverse=True)
         first = torch.full((unique.numel(),), new_mask.shape[0], dtype=torch.long)
         first.scatter_reduce_(0, inverse, torch.arange(new_mask.shape[0]), reduce="amin")
-        mask = new_mask[first]
+        fresh = ~torch.isin(unique, seen)
+        seen = torch.cat([seen, unique[fresh]])
+        mask = new_mask[first[fresh]]
+        if mask.shape[0] == 0:
+            break
         sums = mask.to(feats.dtype) @ feats
-    del columns
     return {"tm": best_tm, "gdt": best_gdt}
 
 
@@ -364,7 +368,6 @@ def _resolve_symmetry(
     is_sym = (swap != torch.arange(rc.atom_type_num, device=pred.device)) & ref_mask
     if not bool(is_sym.any()):
         return pred, pred_mask
-    res_idx = torch.arange(pred.shape[0], device=pred.device)[:, None].expand_as(ref_mask)
     sym_res, sym_atom = torch.nonzero(is_sym, as_tuple=True)
     partner = swap[sym_res, sym_atom]
     others = ref_mask & ~is_sym
@@ -390,7 +393,6 @@ def _resolve_symmetry(
     index = torch.where(flip[:, None], swap, torch.arange(rc.atom_type_num, device=pred.device))
     pred = torch.take_along_dim(pred, index[..., None], dim=1)
     pred_mask = torch.take_along_dim(pred_mask, index, dim=1)
-    del res_idx
     return pred, pred_mask
 
 

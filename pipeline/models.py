@@ -463,8 +463,21 @@ def build_esm2_stem(source: str, num_blocks: int, size: dict | None = None) -> F
     return model
 
 
+INIT_SEED = 0  # fresh weights (random models, new folding heads) are a function of the config alone
+
+
 def build_folding_model(model_cfg: dict) -> FoldingModel:
-    """Build the base folding model of a `model:` config section (see docs/training.md)."""
+    """Build the base folding model of a `model:` config section (see docs/training.md).
+
+    Freshly initialised weights are drawn under a fixed seed (global RNG state restored afterwards), so
+    training and prediction rebuild bit-identical base weights from the same config.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return _build_folding_model(model_cfg)
+
+
+def _build_folding_model(model_cfg: dict) -> FoldingModel:
     source = model_cfg.get("source", "random")
     size = model_cfg.get("size") or {}
     if source == "random":

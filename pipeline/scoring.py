@@ -61,7 +61,7 @@ def _sequence_pairs(model_seq: str, ref_seq: str) -> list[tuple[int, int]]:
     aligner.substitution_matrix = substitution_matrices.load("BLOSUM62")
     aligner.open_gap_score, aligner.extend_gap_score = -11.0, -1.0
     aligner.end_gap_score = 0.0  # a model may cover more or less than the reference
-    alignment = aligner.align(model_seq.replace("X", "X"), ref_seq)[0]
+    alignment = aligner.align(model_seq, ref_seq)[0]
     pairs = []
     for (m_lo, m_hi), (r_lo, r_hi) in zip(*alignment.aligned):
         pairs.extend(zip(range(m_lo, m_hi), range(r_lo, r_hi)))

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,14 +28,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.io import atomic_path, atomic_write_text
 from pipeline.config import dump_config
 
 log = logging.getLogger("foldtune.train")
 
-TRAINED_PARAMS_FILE = "trained_params.safetensors"  # non-adapter trained weights, under module names
 _CA = 1  # CA index in atom37 and atom14
 
 
@@ -123,12 +121,11 @@ def _adapter_dict(adapter_cfg: dict) -> dict:
 
 
 def attach_method(model: torch.nn.Module, adapter_cfg: dict, train_heads: bool = False) -> None:
-    """Freeze the base, attach the configured adapter (or unfreeze for method=full), optionally the heads."""
+    """Attach the configured method (adapters.attach freezes the base first); optionally unfreeze the
+    folding heads + structure module, which `adapters.save` then stores next to the adapter."""
     import adapters
 
-    model.requires_grad_(False)
-    if adapter_cfg["method"] != "none":
-        adapters.attach(model, adapters.config_from_dict(_adapter_dict(adapter_cfg)))
+    adapters.attach(model, adapters.config_from_dict(_adapter_dict(adapter_cfg)))
     if train_heads:
         from pipeline.models import head_parameters
 
@@ -136,77 +133,47 @@ def attach_method(model: torch.nn.Module, adapter_cfg: dict, train_heads: bool =
             param.requires_grad_(True)
 
 
-def _adapter_param_names(model: torch.nn.Module, base_names: set[str]) -> set[str]:
-    return {name for name, _ in model.named_parameters() if name not in base_names}
-
-
-def save_trained(model: torch.nn.Module, out_dir: str | os.PathLike, adapter_cfg: dict,
-                 base_names: set[str]) -> None:
-    """Write `out_dir/` = adapters.save layout + `trained_params.safetensors` (trained base-model params
-    under their module names: heads, or every trainable weight for method=full). Atomic per directory."""
+def save_trained(model: torch.nn.Module, out_dir: str | os.PathLike) -> None:
+    """RUN/adapter: adapters.save layout (adapter params + every other trainable param, e.g. heads)."""
     import adapters
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if adapter_cfg["method"] not in ("none", "full"):
-        adapters.save(model, tmp)
-    else:
-        (tmp / "adapter_config.json").write_text(json.dumps(_adapter_dict(adapter_cfg), indent=2) + "\n")
-    trained = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in model.named_parameters()
-               if p.requires_grad and name in base_names}
-    if trained:
-        save_file(trained, str(tmp / TRAINED_PARAMS_FILE))
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    adapters.save(model, out_dir)
 
 
-def load_trained(model: torch.nn.Module, adapter_dir: str | os.PathLike, attach: bool = True) -> dict:
-    """Attach + load an adapter directory written by `save_trained`; returns its adapter config."""
+def load_trained(model: torch.nn.Module, adapter_dir: str | os.PathLike) -> dict:
+    """Attach + load a run's adapter directory into a freshly built base; returns the adapter config."""
     import adapters
 
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{adapter_dir}: adapter_config.json: not found (not a foldtune run adapter/)")
-    adapter_cfg = json.loads(config_path.read_text())
-    method = adapter_cfg.get("method", "none")
-    if method not in ("none", "full"):
-        if attach:
-            adapters.load(model, adapter_dir)
-        else:
-            adapters.load(model, adapter_dir)
-    extra = adapter_dir / TRAINED_PARAMS_FILE
-    if extra.is_file():
-        tensors = load_file(str(extra))
-        params = dict(model.named_parameters())
-        unknown = [k for k in tensors if k not in params]
-        if unknown:
-            raise ValueError(f"{extra}: {unknown[0]}: no such parameter in the rebuilt base model")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if params[name].shape != value.shape:
-                    raise ValueError(f"{extra}: {name}: shape {tuple(value.shape)} != model {tuple(params[name].shape)}")
-                params[name].copy_(value.to(params[name].dtype))
-    return adapter_cfg
+    adapters.load(model, adapter_dir)
+    return adapters.read_config(adapter_dir)
 
 
 def load_base_run(model: torch.nn.Module, run_dir: str | os.PathLike) -> None:
-    """`model.base_run`: load the weights a previous method=full / method=none run trained."""
+    """`model.base_run`: copy the plain weights a method=full run trained into `model` (nothing attached,
+    so the run's own adapter can be attached afterwards)."""
+    import adapters
+
     adapter_dir = Path(run_dir) / "adapter"
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise ValueError(f"model.base_run: {adapter_dir}: no adapter_config.json (is {run_dir} a finished run?)")
-    method = json.loads(config_path.read_text()).get("method")
-    if method not in ("full", "none"):
-        raise ValueError(f"model.base_run: {run_dir} was trained with method={method}; only full/none runs "
-                         "hold plain base weights")
-    load_trained(model, adapter_dir, attach=False)
+    try:
+        saved = adapters.read_config(adapter_dir)
+    except ValueError as exc:
+        raise ValueError(f"model.base_run: {exc}") from exc
+    if saved["method"] not in ("full", "none"):
+        raise ValueError(f"model.base_run: {run_dir} was trained with method={saved['method']}; only "
+                         "method=full (or none) runs hold plain base weights")
+    weights = adapter_dir / adapters.WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"model.base_run: {weights}: not found")
+    tensors = load_file(str(weights))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"model.base_run: {weights}: {name}: does not fit the configured model "
+                                 f"(model section differs from the base run's?)")
+            if params[name].device.type != "meta":
+                params[name].copy_(value.to(params[name].dtype))
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -438,7 +405,7 @@ class RunCheckpoints(pl.Callback):
 
     def _export(self, trainer: pl.Trainer, task: _Task) -> None:
         if trainer.is_global_zero:
-            save_trained(task.model, self.run_dir / "adapter", self.adapter_cfg, task.base_names)
+            save_trained(task.model, self.run_dir / "adapter")
 
     def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx) -> None:
         if task.aborted or not trainer.global_step or trainer.global_step % self.every:
@@ -577,6 +544,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
     pl.seed_everything(tcfg["seed"], workers=True, verbose=False)
     model, base_names = _build(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _keep_previous_logs(run_dir)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
 
@@ -588,7 +557,7 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
               "total_params": total, "seed": tcfg["seed"]}
 
     if cfg["adapter"]["method"] == "none" or tcfg["max_steps"] == 0:
-        save_trained(model, run_dir / "adapter", cfg["adapter"], base_names)
+        save_trained(model, run_dir / "adapter")
         summary = {**common, "train_seconds": 0.0, "steps": 0, "peak_memory_mb": _peak_memory_mb(on_gpu),
                    "final_train_loss": None, "best_val_tm_score": None, "status": "not_trained"}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -663,14 +632,31 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
     return TrainResult(run_dir, summary, aborted=task.aborted)
 
 
+def _keep_previous_logs(run_dir: Path) -> None:
+    """Before a resume: Lightning's CSVLogger restarts `logs/metrics.csv`, so keep the old one as a part."""
+    current = run_dir / "logs" / "metrics.csv"
+    if current.is_file():
+        parts = sorted((run_dir / "logs").glob("metrics.part*.csv"))
+        os.replace(current, run_dir / "logs" / f"metrics.part{len(parts):03d}.csv")
+
+
 def _flatten_metrics(run_dir: Path) -> None:
-    """Lightning's CSV has one row per log call; write RUN/metrics.csv with one row per step."""
-    source = run_dir / "logs" / "metrics.csv"
-    if not source.is_file():
+    """Write RUN/metrics.csv: one row per step over all (resumed) parts of Lightning's CSV log.
+
+    Rows a killed run logged after its last checkpoint are replaced by the resumed run's rows.
+    """
+    logs = run_dir / "logs"
+    sources = sorted(logs.glob("metrics.part*.csv")) + [logs / "metrics.csv"]
+    frames = [pd.read_csv(path) for path in sources if path.is_file() and path.stat().st_size]
+    frames = [f for f in frames if "step" in f.columns and len(f)]
+    if not frames:
         return
-    frame = pd.read_csv(source)
-    if "step" not in frame.columns:
-        return
-    frame = frame.groupby("step", as_index=False).last()
+    kept = []
+    for i, frame in enumerate(frames):
+        later = [f["step"].min() for f in frames[i + 1:]]
+        kept.append(frame[frame["step"] < min(later)] if later else frame)
+    frame = pd.concat(kept, ignore_index=True).groupby("step", as_index=False).last()
+    columns = ["step", "epoch"] + sorted(c for c in frame.columns if c not in ("step", "epoch"))
+    frame = frame[[c for c in columns if c in frame.columns]]
     with atomic_path(run_dir / "metrics.csv") as tmp:
         frame.to_csv(tmp, index=False)

@@ -20,18 +20,37 @@ def _config_source() -> str:
 
 if not config:
     raise WorkflowError("no config: run with --configfile configs/<experiment>.yaml (e.g. configs/demo.yaml)")
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """`file: dotted.key: what is wrong` from a jsonschema error (anyOf: the alternatives' reasons)."""
+    where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    if error.validator == "anyOf" and error.context:
+        reasons = sorted({sub.message for sub in error.context})
+        return f"{_config_source()}: {where}: none of the alternatives fit ({'; '.join(reasons)})"
+    return f"{_config_source()}: {where}: {error.message}"
+
+
 try:
     validate(config, schema="../schemas/config.schema.yaml")
-except jsonschema.ValidationError as exc:
-    where = ".".join(str(part) for part in exc.absolute_path) or "(top level)"
-    raise WorkflowError(f"{_config_source()}: {where}: {exc.message}") from None
+except Exception as exc:  # snakemake wraps the jsonschema error in its WorkflowError
+    causes = [exc, exc.__cause__, exc.__context__]
+    errors = [cause for cause in causes if isinstance(cause, jsonschema.ValidationError)]
+    if not errors:
+        raise
+    raise WorkflowError(_schema_message(errors[0])) from None
+
+
+if (config["training"] or {}).get("kind", "fold") != "fold":
+    raise WorkflowError(f"{_config_source()}: training.kind: {config['training']['kind']!r} is not supported by the "
+                        "workflow (it predicts and scores structures); train language models with "
+                        "`foldtune train --config FILE --section training` (see configs/esm2_lm.yaml)")
 
 
 # ------------------------------------------------------------------------------------------------ paths
 EXP = f"{config['results_dir']}/{config['experiment']}"
 CACHE = config["cache_dir"]
 LOGS = f"{EXP}/logs"
-FETCHED = f"{EXP}/structures.csv"
+STRUCTURES = f"{EXP}/structures"
+FETCHED = f"{STRUCTURES}/fetch_report.csv"
 DATASET = f"{EXP}/dataset"
 MANIFEST = f"{DATASET}/manifest.csv"
 SPLITS = f"{EXP}/splits.csv"
@@ -143,17 +162,24 @@ wildcard_constraints:
 # ---------------------------------------------------------------------------------------- rule helpers
 def fetch_args(wildcards) -> str:
     data = config["data"]
-    if data["source"] == "local":
-        args = ["--local", data["local_dir"]]
-    elif data["source"] == "ids":
-        args = ["--ids", *data["ids"]]
-    else:
-        args = ["--query", data["query"]]
-        if data["max_entries"]:
-            args += ["--max-entries", str(data["max_entries"])]
-    if data["chains_file"]:
-        args += ["--chains-file", data["chains_file"]]
-    args += ["--format", data["format"]]
+    args = list(data["ids"])
+    if data["ids_file"]:
+        args += ["--ids-file", data["ids_file"]]
+    if data["query"]:
+        args += ["--query", data["query"]]
+    if data["max_entries"]:
+        args += ["--max", str(data["max_entries"])]
+    for directory in data["source_dirs"]:
+        args += ["--source-dir", directory]
+    if data["offline"]:
+        args.append("--offline")
+    filters = data["fetch_filters"]
+    if filters["max_resolution"] is not None:
+        args += ["--max-resolution", str(filters["max_resolution"])]
+    for method in filters["methods"]:
+        args += ["--method", method]
+    if filters["max_entry_residues"] is not None:
+        args += ["--max-entry-residues", str(filters["max_entry_residues"])]
     return shlex.join(args)
 
 
@@ -243,3 +269,20 @@ def report_runs(wildcards) -> str:
 
 def baseline_cli_name(wildcards) -> str:
     return {result: cli for cli, result in BASELINES.items()}[wildcards.baseline]
+
+
+# Directories derived from a rule's own files (not hard-coded prefixes: works without a shared filesystem).
+def parent_of_output(wildcards, output) -> str:
+    return str(Path(output[0]).parent)
+
+
+def parent_of_fetched(wildcards, input) -> str:
+    return str(Path(input.fetched).parent)
+
+
+def dataset_dir(wildcards, input) -> str:
+    return str(Path(input.manifest).parent)
+
+
+def run_dir(wildcards, input) -> str:
+    return str(Path(input.run).parent)

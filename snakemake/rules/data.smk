@@ -7,35 +7,44 @@ rule fetch:
     params:
         args=fetch_args,
         cache=CACHE,
+        out=parent_of_output,
     log:
         f"{LOGS}/fetch.log",
+    conda:
+        "../envs/foldtune.yaml"
     shell:
-        "foldtune fetch {params.args} --cache {params.cache} --out {output} > {log} 2>&1"
+        "foldtune fetch {params.args} --cache {params.cache} --out {params.out} --no-progress > {log} 2>&1"
 
 
 rule prepare:
     input:
-        FETCHED,
+        fetched=FETCHED,
     output:
         MANIFEST,
     params:
         args=prepare_args,
-        dataset=DATASET,
+        structures=parent_of_fetched,
+        dataset=parent_of_output,
     log:
         f"{LOGS}/prepare.log",
+    conda:
+        "../envs/foldtune.yaml"
     shell:
-        "foldtune prepare --in {input} --out {params.dataset} {params.args} --no-progress > {log} 2>&1"
+        "foldtune prepare --in {params.structures} --out {params.dataset} {params.args} --no-progress "
+        "> {log} 2>&1"
 
 
 rule split:
     input:
-        MANIFEST,
+        manifest=MANIFEST,
     output:
         SPLITS,
     params:
         args=split_args,
-        dataset=DATASET,
+        dataset=dataset_dir,
     log:
         f"{LOGS}/split.log",
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "foldtune split --dataset {params.dataset} --out {output} {params.args} --no-progress > {log} 2>&1"

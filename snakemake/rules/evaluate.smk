@@ -9,9 +9,9 @@ rule predict:
     output:
         f"{EXP}/predictions/{{run}}/{{split}}/predictions.csv",
     params:
-        run=f"{EXP}/runs/{{run}}",
-        dataset=DATASET,
-        out=f"{EXP}/predictions/{{run}}/{{split}}",
+        run=run_dir,
+        dataset=dataset_dir,
+        out=parent_of_output,
     log:
         f"{LOGS}/predict/{{run}}_{{split}}.log",
     threads: 1
@@ -19,6 +19,8 @@ rule predict:
         gpu=1,
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} foldtune predict --run {params.run} --dataset {params.dataset} "
         "--splits {input.splits} --split {wildcards.split} --out {params.out} > {log} 2>&1"
@@ -32,10 +34,12 @@ rule predict_baseline:
         f"{EXP}/predictions/{{baseline}}/{{split}}/predictions.csv",
     params:
         name=baseline_cli_name,
-        dataset=DATASET,
-        out=f"{EXP}/predictions/{{baseline}}/{{split}}",
+        dataset=dataset_dir,
+        out=parent_of_output,
     log:
         f"{LOGS}/predict/{{baseline}}_{{split}}.log",
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "foldtune predict --baseline {params.name} --dataset {params.dataset} --splits {input.splits} "
         "--split {wildcards.split} --out {params.out} > {log} 2>&1"
@@ -48,8 +52,10 @@ rule score:
     output:
         f"{EXP}/scores/{{scored}}/{{split}}.csv",
     params:
-        dataset=DATASET,
+        dataset=dataset_dir,
     log:
         f"{LOGS}/score/{{scored}}_{{split}}.log",
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "foldtune score --predictions {input.predictions} --dataset {params.dataset} --out {output} > {log} 2>&1"

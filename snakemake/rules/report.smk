@@ -10,12 +10,14 @@ rule report:
         html=f"{EXP}/report.html",
         summary=f"{EXP}/summary.csv",
     params:
-        results=EXP,
+        results=parent_of_output,
         config=RESOLVED_CONFIG,
         runs=report_runs,
         digest=report_digest,
     log:
         f"{LOGS}/report.log",
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "foldtune report --results {params.results} --out {params.results} --config {params.config} "
         "--runs {params.runs} > {log} 2>&1"

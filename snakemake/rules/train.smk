@@ -15,11 +15,15 @@ rule base:
         digest=base_digest,
     log:
         f"{LOGS}/train/base.log",
+    # The base is the critical path: start it before the quick side jobs (baselines, scoring).
+    priority: 20
     threads: 1
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} foldtune train --config {params.config} --section base_training "
         "{params.overrides} trainer.threads={threads} > {log} 2>&1"
@@ -36,11 +40,14 @@ rule train:
         digest=train_digest,
     log:
         f"{LOGS}/train/{{run}}.log",
+    priority: 10
     threads: 1
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/foldtune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} foldtune train --config {params.config} --section training "
         "{params.overrides} trainer.threads={threads} > {log} 2>&1"

@@ -1,0 +1,67 @@
+"""`foldtune predict`: fold a dataset split or a FASTA file with a run's model (or a baseline)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "fold sequences / a dataset split with a (fine-tuned) model; writes PDBs + predictions.csv"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", help="training run directory (RUN/config.yaml + RUN/adapter/)")
+    model.add_argument("--base-config", help="training config: fold with its untuned base model")
+    model.add_argument("--baseline", choices=["ideal-helix"], help="no model: a structure baseline")
+    parser.add_argument("--section", help="with --base-config: top-level key holding the training config")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--dataset", help="dataset directory written by `foldtune prepare`")
+    inputs.add_argument("--fasta", help="FASTA file of single chains (numbered 1..L)")
+    parser.add_argument("--splits", help="splits CSV (with --split)")
+    parser.add_argument("--split", help="fold only the chains of this split")
+    parser.add_argument("--out", required=True, help="output directory for <chain_id>.pdb + predictions.csv")
+    parser.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch (B x Lmax)")
+    parser.add_argument("--chunk-size", type=int, help="chunk the trunk's axial attention (long chains)")
+    parser.add_argument("--num-recycles", type=int, help="default: the model's max_recycles")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from pipeline import predict
+
+    started = time.perf_counter()
+    try:
+        if args.dataset:
+            targets = predict.targets_from_dataset(args.dataset, args.splits, args.split)
+        else:
+            if args.split:
+                raise ValueError("--split: only with --dataset")
+            targets = predict.targets_from_fasta(args.fasta)
+        if not targets:
+            raise ValueError("nothing to predict")
+        if args.baseline:
+            table = predict.predict_baseline(targets, args.out)
+        else:
+            if args.run:
+                model = predict.load_run_model(args.run, merged=args.merged)
+            else:
+                from pipeline.config import load_config
+
+                model = predict.load_base_model(load_config(args.base_config, section=args.section)).eval()
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            model.to(device)
+            table = predict.predict_targets(model, targets, args.out, max_tokens=args.max_tokens,
+                                            chunk_size=args.chunk_size, num_recycles=args.num_recycles,
+                                            progress=not args.no_progress)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"foldtune predict: {exc}", file=sys.stderr)
+        return 2
+    print(f"predict: {len(table)} chains, mean pLDDT {table['mean_plddt'].mean():.1f} -> {args.out} "
+          f"({time.perf_counter() - started:.1f} s)")
+    return 0

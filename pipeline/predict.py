@@ -1,0 +1,256 @@
+"""Prediction: fold chains with a (fine-tuned) folding model and write PDB files + predictions.csv.
+
+    PRED_DIR/<chain_id>.pdb     pLDDT (0-100) in the B-factor column, the native's residue numbering
+    PRED_DIR/predictions.csv    chain_id,pdb,mean_plddt,ptm,length   (pdb = absolute path of the file)
+
+The model is rebuilt from a run directory (`RUN/config.yaml` model section + `RUN/adapter/`), or from a
+training config for the untuned base. Chains are folded at full length (no crop) with the model's
+maximum number of recycles, in length-sorted batches under a token budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from transformers.models.esm.openfold_utils import atom14_to_atom37
+
+from data.io import atomic_path, atomic_write_text
+from data.structure import ProteinChain, chain_to_pdb
+from data.tokenize import af2_indices
+
+PREDICTION_COLUMNS = ["chain_id", "pdb", "mean_plddt", "ptm", "length"]
+
+
+@dataclass
+class Target:
+    """One chain to fold: its id, sequence and the numbering the output must carry."""
+    chain_id: str
+    template: ProteinChain   # native chain (or a coordinate-free stand-in for FASTA input)
+
+    @property
+    def length(self) -> int:
+        return len(self.template.aatype)
+
+
+# --------------------------------------------------------------------------------- targets
+
+def targets_from_dataset(dataset_dir: str | Path, splits_csv: str | Path | None = None,
+                         split: str | None = None, chain_ids: Sequence[str] | None = None) -> list[Target]:
+    """Chains of a prepared dataset, optionally those of one split."""
+    from data.dataset import chain_path, load_chain, read_manifest
+
+    manifest = read_manifest(dataset_dir)
+    ids = list(manifest["chain_id"]) if chain_ids is None else list(chain_ids)
+    if split is not None:
+        if splits_csv is None:
+            raise ValueError("--splits: needed with --split")
+        from pipeline.train import read_split
+
+        wanted = set(read_split(splits_csv, split))
+        if not wanted:
+            raise ValueError(f"{splits_csv}: split: no chains with split {split!r}")
+        ids = [c for c in ids if c in wanted]
+        missing = wanted - set(manifest["chain_id"])
+        if missing:
+            raise ValueError(f"{splits_csv}: chain_id: not in {dataset_dir}/manifest.csv: {sorted(missing)[:5]}")
+    return [Target(c, load_chain(chain_path(dataset_dir, c))) for c in ids]
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text) or "seq"
+
+
+def chain_from_sequence(chain_id: str, sequence: str) -> ProteinChain:
+    """A coordinate-free chain numbered 1..L (for FASTA input)."""
+    aatype = af2_indices(sequence).numpy()
+    length = len(aatype)
+    return ProteinChain(
+        pdb_id=chain_id, chain="A", model=1, sequence=sequence.upper(), aatype=aatype,
+        residue_index=np.arange(1, length + 1, dtype=np.int64), insertion_code=np.full(length, "", dtype="<U1"),
+        atom37_positions=np.zeros((length, 37, 3), np.float32), atom37_mask=np.zeros((length, 37), np.float32),
+        b_factors=np.zeros((length, 37), np.float32), method=None, resolution=None, release_date=None,
+        source_file="",
+    )
+
+
+def targets_from_fasta(path: str | Path) -> list[Target]:
+    from Bio import SeqIO
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: fasta: file not found")
+    targets, seen = [], set()
+    for record in SeqIO.parse(str(path), "fasta"):
+        chain_id = _safe_id(record.id)
+        sequence = str(record.seq).replace("*", "").strip()
+        if not sequence:
+            raise ValueError(f"{path}: {record.id}: empty sequence")
+        if ":" in sequence:
+            raise ValueError(f"{path}: {record.id}: multimers (':') are not supported")
+        if chain_id in seen:
+            raise ValueError(f"{path}: {record.id}: duplicate id")
+        seen.add(chain_id)
+        targets.append(Target(chain_id, chain_from_sequence(chain_id, sequence)))
+    if not targets:
+        raise ValueError(f"{path}: fasta: no records")
+    return targets
+
+
+# --------------------------------------------------------------------------------- models
+
+def _read_run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{path}: config: not found (is {run_dir} a foldtune run?)")
+    cfg = yaml.safe_load(path.read_text())
+    if cfg.get("kind", "fold") != "fold":
+        raise ValueError(f"{path}: kind: {cfg.get('kind')!r} runs cannot fold structures")
+    return cfg
+
+
+def load_base_model(cfg: dict):
+    """The base folding model of a (training) config: `model:` section, plus `model.base_run` weights."""
+    from pipeline.models import build_folding_model
+    from pipeline.train import load_base_run
+
+    model = build_folding_model(cfg["model"])
+    if cfg["model"].get("base_run"):
+        load_base_run(model, cfg["model"]["base_run"])
+    return model
+
+
+def load_run_model(run_dir: str | Path, merged: bool = False):
+    """Rebuild a run's base model from RUN/config.yaml and load RUN/adapter (+ trained heads)."""
+    from pipeline.train import load_trained
+
+    run_dir = Path(run_dir)
+    cfg = _read_run_config(run_dir)
+    model = load_base_model(cfg)
+    adapter_cfg = load_trained(model, run_dir / "adapter")
+    if merged and adapter_cfg["method"] not in ("none", "full"):
+        import adapters
+
+        adapters.merge(model)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------- folding
+
+def batches_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Length-sorted batches with `len(batch) * max(length) <= max_tokens` (a longer chain goes alone)."""
+    from data.dataset import TokenBudgetBatchSampler
+
+    return TokenBudgetBatchSampler(lengths, max_tokens, shuffle=False).batches()
+
+
+@torch.no_grad()
+def fold(model, targets: Sequence[Target], num_recycles: int | None = None) -> list[tuple[ProteinChain, float]]:
+    """Fold one batch; returns (predicted chain, pTM) per target, in order.
+
+    The predicted chain keeps the template's residue numbering / insertion codes; B-factors hold
+    pLDDT in 0-100 (HF's ESMFold gives 0-1).
+    """
+    from pipeline.models import max_recycles
+
+    device = next(model.parameters()).device
+    width = max(t.length for t in targets)
+    aatype = torch.full((len(targets), width), 20, dtype=torch.long)
+    mask = torch.zeros((len(targets), width), dtype=torch.long)
+    residx = torch.zeros((len(targets), width), dtype=torch.long)
+    for row, target in enumerate(targets):
+        n = target.length
+        aatype[row, :n] = torch.as_tensor(target.template.aatype)
+        mask[row, :n] = 1
+        residx[row, :n] = torch.as_tensor(target.template.residue_index)
+    recycles = max_recycles(model) if num_recycles is None else num_recycles
+    out = model(aatype.to(device), attention_mask=mask.to(device), position_ids=residx.to(device),
+                num_recycles=recycles)
+    features = {"residx_atom37_to_atom14": out["residx_atom37_to_atom14"].long().cpu(),
+                "atom37_atom_exists": out["atom37_atom_exists"].float().cpu()}
+    atom37 = atom14_to_atom37(out["positions"][-1].float().cpu(), features).numpy()
+    exists = features["atom37_atom_exists"].numpy()
+    plddt = out["plddt"].float().cpu().numpy() * 100.0
+    ptm = out["ptm"].float().cpu().numpy().reshape(-1)
+    results = []
+    for row, target in enumerate(targets):
+        n = target.length
+        predicted = replace(
+            target.template,
+            atom37_positions=atom37[row, :n].astype(np.float32),
+            atom37_mask=exists[row, :n].astype(np.float32),
+            b_factors=(plddt[row, :n] * exists[row, :n]).astype(np.float32),
+            method="PREDICTED", resolution=None, source_file="foldtune predict",
+        )
+        results.append((predicted, float(ptm[row])))
+    return results
+
+
+def _mean_plddt(chain: ProteinChain) -> float:
+    """Mean CA pLDDT (0-100)."""
+    ca = chain.b_factors[:, 1]
+    present = chain.atom37_mask[:, 1] > 0
+    return float(ca[present].mean()) if present.any() else 0.0
+
+
+def write_predictions(out_dir: Path, rows: list[dict]) -> Path:
+    csv_path = out_dir / "predictions.csv"
+    with atomic_path(csv_path) as tmp:
+        pd.DataFrame(rows, columns=PREDICTION_COLUMNS).to_csv(tmp, index=False)
+    return csv_path
+
+
+def predict_targets(model, targets: Sequence[Target], out_dir: str | Path, max_tokens: int = 4096,
+                    chunk_size: int | None = None, num_recycles: int | None = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """Fold `targets` in token-budget batches; write one PDB per chain and predictions.csv."""
+    from rich.progress import Progress
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if chunk_size is not None:
+        model.trunk.set_chunk_size(chunk_size)
+    rows: dict[str, dict] = {}
+    batches = batches_by_tokens([t.length for t in targets], max_tokens)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("fold", total=len(targets))
+        for batch in batches:
+            folded = fold(model, [targets[i] for i in batch], num_recycles=num_recycles)
+            for i, (chain, ptm) in zip(batch, folded):
+                rows[targets[i].chain_id] = _write_one(out_dir, targets[i], chain, ptm)
+            bar.advance(task, len(batch))
+    ordered = [rows[t.chain_id] for t in targets]
+    write_predictions(out_dir, ordered)
+    return pd.DataFrame(ordered, columns=PREDICTION_COLUMNS)
+
+
+def _write_one(out_dir: Path, target: Target, chain: ProteinChain, ptm: float) -> dict:
+    pdb_path = (out_dir / f"{target.chain_id}.pdb").resolve()
+    atomic_write_text(pdb_path, chain_to_pdb(chain))
+    return {"chain_id": target.chain_id, "pdb": str(pdb_path), "mean_plddt": round(_mean_plddt(chain), 3),
+            "ptm": ptm, "length": target.length}
+
+
+def predict_baseline(targets: Sequence[Target], out_dir: str | Path,
+                     builder: Callable[[ProteinChain], ProteinChain] | None = None) -> pd.DataFrame:
+    """`--baseline ideal-helix`: no model; pLDDT 0 and pTM NaN."""
+    if builder is None:
+        try:
+            from pipeline.baselines import ideal_helix_chain as builder
+        except ImportError as exc:
+            raise RuntimeError("--baseline ideal-helix: pipeline.baselines.ideal_helix_chain is not available") from exc
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for target in targets:
+        chain = builder(target.template)
+        chain = replace(chain, b_factors=np.zeros_like(chain.atom37_mask, dtype=np.float32))
+        rows.append(_write_one(out_dir, target, chain, float("nan")))
+    write_predictions(out_dir, rows)
+    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)

@@ -1,0 +1,84 @@
+"""`foldtune score`: single pair (text / --json), batch CSV mode, workflow mode against a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data.structure import chain_to_pdb, read_chain
+from pipeline import scoring
+from pipeline.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared/data/structures")
+MODEL, TARGET = SHARED / "7sgn_C_model.pdb", SHARED / "7sgn_C_target.pdb"
+
+
+def test_single_pair_json_and_text(capsys):
+    assert main(["score", str(MODEL), str(TARGET), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result) == list(scoring.METRIC_KEYS)
+    assert result["n_aligned"] == 102 and result["l_ref"] == 108  # target residues 6-11 have no model
+    assert result == pytest.approx(scoring.score_pair(MODEL, TARGET))
+    # 6 of 108 reference residues missing: lDDT counts their pairs as not preserved
+    assert 0.0 < result["lddt"] < result["lddt_ca"] < 1.0
+    assert main(["score", str(MODEL), str(TARGET)]) == 0
+    text = capsys.readouterr().out
+    for label in ("TM-score", "GDT-TS", "GDT-HA", "RMSD", "lDDT", "lDDT-CA", "matched", "L_ref"):
+        assert label in text
+    assert f"{result['tm_score']:.4f}" in text
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert main(["score", str(MODEL), str(tmp_path / "missing.pdb")]) == 1
+    assert "missing.pdb" in capsys.readouterr().err
+    assert main(["score", "--pairs", str(tmp_path / "p.csv")]) == 2  # --out missing
+
+
+def test_batch_mode_writes_csv(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame(
+        {"id": ["sgn", "tii"], "model": [str(MODEL), str(SHARED / "1tii.pdb")],
+         "ref": [str(TARGET), str(SHARED / "1tii.pdb")], "chain1": ["", "D"], "chain2": ["", "E"]}
+    ).to_csv(pairs, index=False)
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--pairs", str(pairs), "--out", str(out), "--no-progress"]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["id", *scoring.METRIC_KEYS]
+    assert table.loc[0, "tm_score"] == pytest.approx(scoring.score_pair(MODEL, TARGET)["tm_score"])
+    expected = scoring.score_pair(SHARED / "1tii.pdb", SHARED / "1tii.pdb", chain1="D", chain2="E")
+    assert table.loc[1, "gdt_ts"] == pytest.approx(expected["gdt_ts"]) and expected["tm_score"] > 0.9
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temp file
+
+
+def test_workflow_mode_scores_predictions_against_dataset(tmp_path):
+    native = read_chain(TARGET)
+    dataset = tmp_path / "dataset"
+    (dataset / "chains").mkdir(parents=True)
+    np.savez(
+        dataset / "chains" / "7sgn_C.npz", aatype=native.aatype, residue_index=native.residue_index,
+        insertion_code=native.insertion_code, atom37_positions=native.atom37_positions,
+        atom37_mask=native.atom37_mask, sequence=np.array(native.sequence),
+    )
+    pd.DataFrame({"chain_id": ["7sgn_C"], "pdb_id": ["7SGN"], "chain": ["C"], "length": [len(native)],
+                  "npz": ["chains/7sgn_C.npz"]}).to_csv(dataset / "manifest.csv", index=False)
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    (pred_dir / "7sgn_C.pdb").write_text(chain_to_pdb(read_chain(MODEL)))
+    pd.DataFrame({"chain_id": ["7sgn_C"], "pdb": ["7sgn_C.pdb"], "mean_plddt": [71.5], "ptm": [0.6],
+                  "length": [102]}).to_csv(pred_dir / "predictions.csv", index=False)
+    out = tmp_path / "scores.csv"
+    code = main(["score", "--predictions", str(pred_dir / "predictions.csv"), "--dataset", str(dataset),
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["chain_id", *scoring.METRIC_KEYS, "mean_plddt"]
+    assert table.loc[0, "mean_plddt"] == 71.5
+    expected = scoring.score_pair(MODEL, TARGET)
+    for key in scoring.METRIC_KEYS:
+        assert table.loc[0, key] == pytest.approx(expected[key], abs=1e-6), key

@@ -1,0 +1,114 @@
+"""The Snakemake workflow without running models: --lint, schema validation (defaults, clear errors), the DAG
+of a grid (jobs, run names, the exact `foldtune` command lines)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "snakemake" / "Snakefile"
+
+
+def snakemake(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args], cwd=cwd or REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def micro_config(tmp_path: Path, **changes) -> Path:
+    config = {
+        "experiment": "micro",
+        "data": {"ids": ["1ubi", "1vii_A"], "source_dirs": ["/nowhere"], "offline": True},
+        "base_training": {"model": {"source": "random"}, "trainer": {"max_time_s": 5}},
+        "training": {"data": {"train_split": "val"}, "trainer": {"max_time_s": 5}},
+        "grid": {"methods": ["lora", "lorta", "full"], "ranks": [2, 4], "seeds": [0, 1]},
+        "evaluate": {"splits": ["val", "test"]},
+    }
+    for key, value in changes.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_lint_is_clean_on_the_demo_config():
+    result = snakemake("--configfile", "configs/demo.yaml", "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_dag_of_a_grid(tmp_path: Path):
+    config = micro_config(tmp_path)
+    result = snakemake("--configfile", str(config), "-n", "-p", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    # lora, lorta x ranks 2, 4 x seeds 0, 1 = 8; full x 2 seeds = 2; the untuned base `none` always = 1.
+    runs = 8 + 2 + 1
+    assert counts == {"fetch": 1, "prepare": 1, "split": 1, "base": 1, "train": runs, "predict": 2 * runs,
+                      "predict_baseline": 2, "score": 2 * (runs + 1), "report": 1, "all": 1, "total": counts["total"]}
+    out = result.stdout
+    # One `foldtune train` per grid point, with the grid values and the base as overrides.
+    line = next(l for l in out.splitlines() if "output_dir=results/micro/runs/lorta_r4_s1" in l)
+    for piece in ("--section training", "adapter.method=lorta", "adapter.rank=4", "trainer.seed=1",
+                  "'adapter.targets=[attn,mlp]'", "adapter.part=trunk", "model.base_run=results/micro/runs/base",
+                  "data.dataset=results/micro/dataset", "data.splits=results/micro/splits.csv", "trainer.threads=1"):
+        assert piece in line, (piece, line)
+    assert "foldtune train --config results/micro/workflow_config.yaml --section base_training" in out
+    assert "foldtune predict --baseline ideal-helix --dataset results/micro/dataset" in out
+    assert "foldtune predict --run results/micro/runs/none --dataset results/micro/dataset" in out
+    assert ("foldtune score --predictions results/micro/predictions/full_s0/test/predictions.csv "
+            "--dataset results/micro/dataset --out results/micro/scores/full_s0/test.csv") in out
+    assert "foldtune fetch 1ubi 1vii_A --source-dir /nowhere --offline --cache resources/structures" in out
+    assert re.search(r"foldtune report --results results/micro --out results/micro .*--runs .*ideal_helix", out)
+    # The resolved config (defaults filled) is what `foldtune train` reads.
+    resolved = yaml.safe_load((tmp_path / "results/micro/workflow_config.yaml").read_text())
+    assert resolved["evaluate"]["baselines"] == ["ideal-helix"]
+    assert resolved["data"]["split"] == {"identity": 0.4, "fractions": [0.8, 0.1, 0.1], "seed": 0,
+                                         "date_cutoff": None}
+    assert resolved["grid"]["targets"] == [["attn", "mlp"]] and resolved["report"]["gain_split"] is None
+
+
+def test_target_and_part_sweeps_name_runs_and_no_base(tmp_path: Path):
+    config = micro_config(tmp_path, **{"grid.methods": ["lora", "none"], "grid.ranks": [8], "grid.seeds": [0],
+                                       "grid.targets": [["attn"], ["qv"]], "grid.part": ["trunk", "stem"],
+                                       "base_training": None, "evaluate.baselines": []})
+    result = snakemake("--configfile", str(config), "-n", "-p", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = set(re.findall(r"output_dir=results/micro/runs/(\S+)", result.stdout))
+    assert names == {"lora_r8_s0_attn_trunk", "lora_r8_s0_attn_stem", "lora_r8_s0_qv_trunk", "lora_r8_s0_qv_stem",
+                     "none"}
+    assert "model.base_run" not in result.stdout and "base_training" not in result.stdout
+    assert "predict_baseline" not in result.stdout
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"grid.methods": ["lora", "dora"]}, r"grid\.methods\.1: 'dora' is not one of"),
+    ({"grid.ranks": [0]}, r"grid\.ranks\.0: 0 is less than the minimum of 1"),
+    ({"data.ids": [], "data.source_dirs": []}, r"data: none of the alternatives fit \(.*'ids_file' is a required property"),
+    ({"experiment": "my experiment"}, r"experiment: 'my experiment' does not match"),
+    ({"grid.budget": {"params": 1000, "rule": "closest"}}, r"grid\.budget\.rule: 'closest' is not one of"),
+])
+def test_schema_rejects_bad_configs_naming_the_key(tmp_path: Path, change: dict, message: str):
+    config = micro_config(tmp_path, **change)
+    result = snakemake("--configfile", str(config), "-n", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert re.search(message, text), text[-2000:]
+    assert str(config) in text  # the error names the config file
+    assert not (tmp_path / "results").exists()  # nothing written for a rejected config
