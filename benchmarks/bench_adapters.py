@@ -234,7 +234,7 @@ class StepResult:
 
 
 def compare_train_steps(work: Workload, variants: list[Variant], warmup: int, repeats: int,
-                        measure_memory: bool = True) -> StepResult:
+                        measure_memory: bool = True, fresh_process: bool = True) -> StepResult:
     """Interleaved step timing of all `variants` in this process, then peak memory per variant."""
     steps: dict[str, TrainStep] = {}
     for variant in variants:
@@ -247,8 +247,8 @@ def compare_train_steps(work: Workload, variants: list[Variant], warmup: int, re
     memory: dict[str, dict] = {}
     if measure_memory:
         for variant in variants:
-            log(f"peak memory of {variant.label} (fresh process)")
-            memory[variant.label] = measure_train_memory(work, variant)
+            log(f"peak memory of {variant.label}{' (fresh process)' if fresh_process else ''}")
+            memory[variant.label] = measure_train_memory(work, variant, fresh_process=fresh_process)
     return StepResult(timings, trainable, memory)
 
 
@@ -266,9 +266,16 @@ def method_variants() -> list[Variant]:
     ]
 
 
-def step_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
-    """Per-method table plus the goal ratios (LoRTA/LoRA, foldtune/peft, memory vs full)."""
-    result = compare_train_steps(work, method_variants(), warmup, repeats)
+def _safe_ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+def step_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool = True) -> list[Section]:
+    """Per-method table plus the goal ratios (LoRTA/LoRA, foldtune/peft, memory vs full).
+
+    `fresh_process=False` (quick mode) measures memory in this process: fast, but only indicative.
+    """
+    result = compare_train_steps(work, method_variants(), warmup, repeats, fresh_process=fresh_process)
     t, mem = result.timings, result.memory
     base = t.median("frozen")
     headers = ["variant", "trainable params", "median step (s)", "spread (±)", "× frozen", "peak RSS/alloc (MiB)",
@@ -301,8 +308,8 @@ def step_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
     ratio_rows = []
     if mem:
         for label in ("lora attn+mlp", "lorta attn+mlp", "tlora attn+mlp", "lora attn", "lorta attn", "frozen"):
-            ratio_rows.append([f"{label} / full", mem[label]["peak_mb"] / mem["full"]["peak_mb"],
-                               mem[label]["delta_mb"] / mem["full"]["delta_mb"]])
+            ratio_rows.append([f"{label} / full", _safe_ratio(mem[label]["peak_mb"], mem["full"]["peak_mb"]),
+                               _safe_ratio(mem[label]["delta_mb"], mem["full"]["delta_mb"])])
     goals = make_section(f"Step-time goals — {work.shape}, B={work.batch}, L={work.length}",
                          ["ratio", "measured", "goal", "verdict"], goal_rows,
                          ["ratios are medians over interleaved rounds of t_A/t_B from the same round"])
@@ -312,7 +319,7 @@ def step_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
     return [per_method, goals, memory]
 
 
-def dense_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
+def dense_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool = True) -> list[Section]:
     """Reference-style dense-ΔW LoRTA forward vs foldtune's factorised LoRTA (attention Q,K,V,O)."""
     from benchmarks.lorta_dense import DenseDeltaLoRTA
 
@@ -331,7 +338,7 @@ def dense_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
     memory = {}
     for variant in (Variant("lorta", ("attn",)), Variant("lorta_dense", ("attn",))):
         log(f"peak memory of {variant.label} on {work.shape} (fresh process)")
-        memory[variant.label] = measure_train_memory(work, variant)
+        memory[variant.label] = measure_train_memory(work, variant, fresh_process=fresh_process)
     ratio = timings.ratio("dense-ΔW lorta", "foldtune lorta")
     layers, dim, heads = work.dims
     rows = [
@@ -351,7 +358,7 @@ def dense_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
     )]
 
 
-def merged_sections(work: Workload, warmup: int, repeats: int) -> list[Section]:
+def merged_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool = True) -> list[Section]:
     """Inference after adapters.merge vs the plain base model (same weights, same batch)."""
     import adapters
 
@@ -409,14 +416,14 @@ def workloads(gpu: bool, quick: bool) -> dict[str, list[Workload]]:
 def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps", "dense", "merged")
         ) -> list[Section]:
     plan = workloads(gpu, quick)
-    warm, reps = (1, 3) if quick else (1, 6)
+    warm, reps = (1, 2) if quick else (1, 5)
     sections: list[Section] = []
-    builders: dict[str, Callable[[Workload, int, int], list[Section]]] = {
+    builders: dict[str, Callable[..., list[Section]]] = {
         "steps": step_sections, "dense": dense_sections, "merged": merged_sections}
     for table in only:
         for work in plan[table]:
-            r = reps if table != "merged" else 3 * reps  # forwards are cheap and the goal is 1%
-            sections += builders[table](work, warm, r)
+            r = reps if table != "merged" else 3 * reps - 3  # forwards are cheap and the goal is 1%
+            sections += builders[table](work, warm, r, fresh_process=not quick)
     return sections
 
 

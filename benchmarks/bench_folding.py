@@ -135,7 +135,7 @@ def measure_memory(work: FoldWork, method: str, steps: int = 2, fresh_process: b
     return {"peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb}
 
 
-def fold_section(work: FoldWork, warmup: int, repeats: int) -> Section:
+def fold_section(work: FoldWork, warmup: int, repeats: int, fresh_process: bool = True) -> Section:
     steps = {}
     for method in work.methods:
         log(f"building folding model {work.size} + {method}")
@@ -147,7 +147,7 @@ def fold_section(work: FoldWork, warmup: int, repeats: int) -> Section:
     memory = {}
     for method in work.methods:
         log(f"peak memory of folding {method} (fresh process)")
-        memory[method] = measure_memory(work, method)
+        memory[method] = measure_memory(work, method, fresh_process=fresh_process)
     rows = []
     for method in work.methods:
         rows.append([method, counts[method][0], timings.median(method),
@@ -174,7 +174,7 @@ def plan(gpu: bool, quick: bool) -> list[FoldWork]:
 
 def run(gpu: bool = False, quick: bool = False) -> list[Section]:
     warmup, repeats = (1, 3) if quick else (1, 5)
-    return [fold_section(work, warmup, repeats) for work in plan(gpu, quick)]
+    return [fold_section(work, warmup, repeats, fresh_process=not quick) for work in plan(gpu, quick)]
 
 
 def _worker(payload: dict) -> dict:

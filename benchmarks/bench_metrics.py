@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="markdown file to write")
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
     if shutil.which("TMscore") is None:
         print("TMscore binary not found (apt-get install tm-align)", file=sys.stderr)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = time_interleaved(
             {"TMscore binary (subprocess per pair)": tmscore_cli, "foldtune metric core (arrays)": foldtune_core,
              "foldtune score_table (files, + lDDT)": foldtune_batch},
-            warmup=1, repeats=args.rounds, progress=log,
+            warmup=args.warmup, repeats=args.rounds, progress=log,
         )
         base = "TMscore binary (subprocess per pair)"
         rows = []

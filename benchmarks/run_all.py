@@ -44,7 +44,7 @@ def wait_for_quiet(max_wait_s: float, threshold: float = QUIET_LOAD, poll_s: flo
         waited += poll_s
 
 
-def metrics_sections(quick: bool) -> list[Section]:
+def metrics_sections(quick: bool, metrics_args: tuple[str, ...] = ()) -> list[Section]:
     """The metrics contributor's benchmarks/bench_metrics.py (`--out FILE [--pairs N] [--rounds R]`),
     run as a script; the markdown it writes becomes this section."""
     script = REPO_ROOT / "benchmarks" / "bench_metrics.py"
@@ -54,7 +54,7 @@ def metrics_sections(quick: bool) -> list[Section]:
     out = REPO_ROOT / ".bench" / "bench_metrics.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(script), "--out", str(out)] + (["--pairs", "10", "--rounds", "1"] if quick else [])
+    cmd = [sys.executable, str(script), "--out", str(out)] + (["--pairs", "4", "--rounds", "1"] if quick else list(metrics_args))
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     shown = ["benchmarks/bench_metrics.py"] + [shlex.quote(c) for c in cmd[2:]]
     notes = [f"command: `python {' '.join(shown)}` (exit {proc.returncode})"]
@@ -71,12 +71,14 @@ def gpu_placeholder(what: str) -> Section:
     return Section(f"{what} — GPU", "not run: no GPU (run `make bench BENCH_ARGS=--gpu` on a CUDA machine)")
 
 
-def run_suite(name: str, gpu: bool, quick: bool) -> list[Section]:
+def run_suite(name: str, gpu: bool, quick: bool, metrics_args: tuple[str, ...] = (),
+              adapter_tables: tuple[str, ...] = ("steps", "dense", "merged")) -> list[Section]:
     if name == "adapters":
         from benchmarks import bench_adapters
 
-        sections = bench_adapters.run(gpu=gpu, quick=quick)
-        return sections if gpu or quick else sections + [gpu_placeholder("ESM-2 650M / 3B adapter steps")]
+        sections = bench_adapters.run(gpu=gpu, quick=quick, only=adapter_tables)
+        gpu_note = [gpu_placeholder("ESM-2 650M / 3B adapter tables")] if "steps" in adapter_tables else []
+        return sections if gpu or quick else sections + gpu_note
     if name == "folding":
         from benchmarks import bench_folding
 
@@ -85,7 +87,7 @@ def run_suite(name: str, gpu: bool, quick: bool) -> list[Section]:
             sections.append(gpu_placeholder("ESMFold v1 shape (3B stem, 48 blocks), crop 256, bf16 + checkpointing"))
         return sections
     if name == "metrics":
-        return metrics_sections(quick)
+        return metrics_sections(quick, metrics_args)
     if name == "demo":
         if quick:
             return [Section("`make demo` wall time", "skipped in --quick (a clean install takes minutes)")]
@@ -135,10 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, whole suite in < 2 min")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown output (default docs/benchmarks.md; .bench/benchmarks_quick.md with --quick)")
-    parser.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--only", nargs="*", choices=SUITES, default=list(SUITES))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help=f"first wait up to SECONDS for the 1-min load average to drop below {QUIET_LOAD}")
+    parser.add_argument("--adapter-tables", nargs="+", choices=("steps", "dense", "merged"),
+                        default=["steps", "dense", "merged"], help="which adapter tables to run")
+    parser.add_argument("--merge-from", nargs="*", type=Path, default=[], metavar="MD",
+                        help="copy the suite blocks of earlier outputs (e.g. suites run in parallel into "
+                             "separate files) into --out before writing; suites run now take precedence")
+    parser.add_argument("--metrics-args", default="",
+                        help="extra arguments for benchmarks/bench_metrics.py, e.g. '--rounds 1'")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: torch.cuda.is_available() is False on this machine")
@@ -150,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.gpu else "cpu"
     load_start = load_average()
     blocks, analysis = existing_blocks(out)
+    merged: set[str] = set()
+    for other in args.merge_from:  # same suite in several files (tables run in parallel): concatenate
+        for name, text in existing_blocks(other)[0].items():
+            blocks[name] = blocks[name].rstrip() + "\n\n" + text.strip() if name in merged else text
+            merged.add(name)
     for name in args.only:
         before = load_average()
         start = time.perf_counter()
         log(f"suite {name}")
-        sections = run_suite(name, args.gpu, args.quick)
+        sections = run_suite(name, args.gpu, args.quick, tuple(shlex.split(args.metrics_args)),
+                             tuple(args.adapter_tables))
         meta = (f"_{machine_info(device)['date']}: `{command.strip()}`; suite wall time "
                 f"{time.perf_counter() - start:.0f} s; load average (1/5/15 min) before {before}, after "
                 f"{load_average()}_")

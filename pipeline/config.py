@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,21 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "results/demo/runs/lorta_r8_s0",
 }
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; accept it (and `-1E5`, `.5e2`) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 # Mappings whose keys are free-form (not checked against DEFAULTS).
 _OPEN_MAPPINGS = {"model.size"}
 
@@ -111,7 +127,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"{item}: empty key in override")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
         node = nested
@@ -131,7 +147,7 @@ def load_config(path: str | Path | None = None, section: str | None = None,
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _yaml_load(path.read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: config file not found") from exc
         except yaml.YAMLError as exc:

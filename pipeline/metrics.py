@@ -285,7 +285,12 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
     for b in range(n_batch):
         keep = valid[b]
         xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
-        found = _tm_search(xb, yb, float(l_ref_t[b]), max_iter=max_iter)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the search is many small ops: extra threads only add sync overhead
+        try:
+            found = _tm_search(xb, yb, float(l_ref_t[b]), max_iter=max_iter)
+        finally:
+            torch.set_num_threads(previous_threads)
         frac = found["gdt"].to(torch.float64) / l_ref_t[b]  # 0.5, 1, 2, 4, 8 Å
         results.append(
             {

@@ -389,7 +389,7 @@ class LMTask(_Task):
 class RunCheckpoints(pl.Callback):
     """`checkpoints/last.ckpt` every N steps and at the end, `best.ckpt` on a new best val TM-score (fold)
     or lowest val NLL (lm), and the exported `adapter/` next to each last.ckpt. Writes are atomic; nothing
-    is written after a non-finite abort, so the last good checkpoint stays intact."""
+    is written on a skipped non-finite step nor after the abort, so the last good checkpoint stays intact."""
 
     def __init__(self, run_dir: Path, every_n_steps: int, adapter_cfg: dict):
         self.run_dir, self.every, self.adapter_cfg = run_dir, every_n_steps, adapter_cfg
@@ -408,8 +408,8 @@ class RunCheckpoints(pl.Callback):
             save_trained(task.model, self.run_dir / "adapter")
 
     def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx) -> None:
-        if task.aborted or not trainer.global_step or trainer.global_step % self.every:
-            return
+        if task.aborted or task.bad_steps or not trainer.global_step or trainer.global_step % self.every:
+            return  # never checkpoint on a skipped (non-finite) step
         if getattr(self, "_saved_at", None) == trainer.global_step:
             return  # accumulation: several micro-batches end on the same optimizer step
         self._saved_at = trainer.global_step

@@ -21,6 +21,15 @@ from benchmarks.lorta_dense import DenseDeltaLoRTA  # noqa: E402
 TINY = ba.Workload("tiny", batch=2, length=16, rank=4)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny shapes gain nothing from more, and a shared machine punishes spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _lorta_model(targets=("attn",)):
     model = ba.apply_variant(ba.build_esm2("tiny", seed=0), ba.Variant("lorta", targets), rank=4)
     ba.randomize_trainable(model, seed=3, std=0.3)  # B = 0 at init would make ΔW = 0 and the check vacuous

@@ -29,7 +29,7 @@ def micro_config(tmp_path: Path, **changes) -> Path:
         "base_training": {"model": {"source": "random"}, "trainer": {"max_time_s": 5}},
         "training": {"data": {"train_split": "val"}, "trainer": {"max_time_s": 5}},
         "grid": {"methods": ["lora", "lorta", "full"], "ranks": [2, 4], "seeds": [0, 1]},
-        "evaluate": {"splits": ["val", "test"]},
+        "evaluate": {"splits": ["val", "test"], "max_tokens": 2048},
     }
     for key, value in changes.items():
         node = config
@@ -71,7 +71,8 @@ def test_dag_of_a_grid(tmp_path: Path):
         assert piece in line, (piece, line)
     assert "foldtune train --config results/micro/workflow_config.yaml --section base_training" in out
     assert "foldtune predict --baseline ideal-helix --dataset results/micro/dataset" in out
-    assert "foldtune predict --run results/micro/runs/none --dataset results/micro/dataset" in out
+    assert ("foldtune predict --run results/micro/runs/none --dataset results/micro/dataset --splits "
+            "results/micro/splits.csv --split val --out results/micro/predictions/none/val --max-tokens 2048") in out
     assert ("foldtune score --predictions results/micro/predictions/full_s0/test/predictions.csv "
             "--dataset results/micro/dataset --out results/micro/scores/full_s0/test.csv") in out
     assert "foldtune fetch 1ubi 1vii_A --source-dir /nowhere --offline --cache resources/structures" in out

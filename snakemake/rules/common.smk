@@ -247,6 +247,21 @@ def train_digest(wildcards) -> str:
     return _section_digest("training")
 
 
+def predict_args(wildcards) -> str:
+    evaluate = config["evaluate"]
+    args = []
+    for key, flag in (("max_tokens", "--max-tokens"), ("num_recycles", "--num-recycles"),
+                      ("chunk_size", "--chunk-size")):
+        if evaluate[key] is not None:
+            args += [flag, str(evaluate[key])]
+    return shlex.join(args)
+
+
+def predict_digest(wildcards) -> str:
+    keys = ("max_tokens", "num_recycles", "chunk_size")
+    return json.dumps({key: config["evaluate"][key] for key in keys}, sort_keys=True)
+
+
 def score_input(wildcards) -> str:
     return f"{EXP}/predictions/{wildcards.scored}/{wildcards.split}/predictions.csv"
 

@@ -12,6 +12,8 @@ rule predict:
         run=run_dir,
         dataset=dataset_dir,
         out=parent_of_output,
+        args=predict_args,
+        digest=predict_digest,
     log:
         f"{LOGS}/predict/{{run}}_{{split}}.log",
     threads: 1
@@ -23,7 +25,8 @@ rule predict:
         "../envs/foldtune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} foldtune predict --run {params.run} --dataset {params.dataset} "
-        "--splits {input.splits} --split {wildcards.split} --out {params.out} > {log} 2>&1"
+        "--splits {input.splits} --split {wildcards.split} --out {params.out} {params.args} --no-progress "
+        "> {log} 2>&1"
 
 
 rule predict_baseline:
@@ -42,7 +45,7 @@ rule predict_baseline:
         "../envs/foldtune.yaml"
     shell:
         "foldtune predict --baseline {params.name} --dataset {params.dataset} --splits {input.splits} "
-        "--split {wildcards.split} --out {params.out} > {log} 2>&1"
+        "--split {wildcards.split} --out {params.out} --no-progress > {log} 2>&1"
 
 
 rule score:
@@ -58,4 +61,5 @@ rule score:
     conda:
         "../envs/foldtune.yaml"
     shell:
-        "foldtune score --predictions {input.predictions} --dataset {params.dataset} --out {output} > {log} 2>&1"
+        "foldtune score --predictions {input.predictions} --dataset {params.dataset} --out {output} --no-progress "
+        "> {log} 2>&1"
