@@ -393,8 +393,8 @@ def merged_sections(work: Workload, warmup: int, repeats: int, fresh_process: bo
 
 
 # --------------------------------------------------------------------------------------------- entry
-def workloads(gpu: bool, quick: bool) -> dict[str, list[Workload]]:
-    """Which shapes each table runs on."""
+def workloads(gpu: bool, quick: bool, reduced: bool = False) -> dict[str, list[Workload]]:
+    """Which shapes each table runs on (`reduced`: CPU shapes with half the tokens, for a busy machine)."""
     if quick:
         tiny = Workload("tiny", batch=2, length=32, rank=4)
         return {"steps": [tiny], "dense": [tiny], "merged": [tiny]}
@@ -406,17 +406,18 @@ def workloads(gpu: bool, quick: bool) -> dict[str, list[Workload]]:
             "dense": [Workload("esm2_t33_650M", batch=8, length=512, **kw)],
             "merged": [Workload("esm2_t33_650M", batch=8, length=512, **kw)],
         }
+    batch = 4 if reduced else 8
     return {
-        "steps": [Workload("esm2_t12_35M", batch=8, length=256)],
-        "dense": [Workload("esm2_t33_650M", batch=2, length=128)],
-        "merged": [Workload("esm2_t12_35M", batch=8, length=256)],
+        "steps": [Workload("esm2_t12_35M", batch=batch, length=256)],
+        "dense": [Workload("esm2_t33_650M", batch=batch // 4, length=128)],
+        "merged": [Workload("esm2_t12_35M", batch=batch, length=256)],
     }
 
 
-def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps", "dense", "merged")
-        ) -> list[Section]:
-    plan = workloads(gpu, quick)
-    warm, reps = (1, 2) if quick else (1, 5)
+def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps", "dense", "merged"),
+        reduced: bool = False) -> list[Section]:
+    plan = workloads(gpu, quick, reduced)
+    warm, reps = (1, 2) if quick else (1, 3) if reduced else (1, 5)
     sections: list[Section] = []
     builders: dict[str, Callable[..., list[Section]]] = {
         "steps": step_sections, "dense": dense_sections, "merged": merged_sections}

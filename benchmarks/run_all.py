@@ -72,11 +72,12 @@ def gpu_placeholder(what: str) -> Section:
 
 
 def run_suite(name: str, gpu: bool, quick: bool, metrics_args: tuple[str, ...] = (),
-              adapter_tables: tuple[str, ...] = ("steps", "dense", "merged")) -> list[Section]:
+              adapter_tables: tuple[str, ...] = ("steps", "dense", "merged"), reduced: bool = False
+              ) -> list[Section]:
     if name == "adapters":
         from benchmarks import bench_adapters
 
-        sections = bench_adapters.run(gpu=gpu, quick=quick, only=adapter_tables)
+        sections = bench_adapters.run(gpu=gpu, quick=quick, only=adapter_tables, reduced=reduced)
         gpu_note = [gpu_placeholder("ESM-2 650M / 3B adapter tables")] if "steps" in adapter_tables else []
         return sections if gpu or quick else sections + gpu_note
     if name == "folding":
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help=f"first wait up to SECONDS for the 1-min load average to drop below {QUIET_LOAD}")
+    parser.add_argument("--reduced", action="store_true",
+                        help="busy machine: CPU adapter tables at half the batch (B=4 / B=1) and 3 rounds")
     parser.add_argument("--adapter-tables", nargs="+", choices=("steps", "dense", "merged"),
                         default=["steps", "dense", "merged"], help="which adapter tables to run")
     parser.add_argument("--merge-from", nargs="*", type=Path, default=[], metavar="MD",
@@ -169,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         log(f"suite {name}")
         sections = run_suite(name, args.gpu, args.quick, tuple(shlex.split(args.metrics_args)),
-                             tuple(args.adapter_tables))
-        meta = (f"_{machine_info(device)['date']}: `{command.strip()}`; suite wall time "
+                             tuple(args.adapter_tables), args.reduced)
+        meta = (f"_{machine_info(device)['date']}: `{command.strip()}`; torch threads {torch.get_num_threads()}; "
+                f"suite wall time "
                 f"{time.perf_counter() - start:.0f} s; load average (1/5/15 min) before {before}, after "
                 f"{load_average()}_")
         blocks[name] = "\n".join([meta, ""] + [section.markdown() for section in sections])

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from transformers.models.esm.openfold_utils import atom14_to_atom37
+from transformers.models.esm.openfold_utils import atom14_to_atom37, compute_tm
 
 from data.io import atomic_path, atomic_write_text
 from data.structure import ProteinChain, chain_to_pdb
@@ -177,7 +177,10 @@ def fold(model, targets: Sequence[Target], num_recycles: int | None = None) -> l
     atom37 = atom14_to_atom37(out["positions"][-1].float().cpu(), features).numpy()
     exists = features["atom37_atom_exists"].numpy()
     plddt = out["plddt"].float().cpu().numpy() * 100.0
-    ptm = out["ptm"].float().cpu().numpy().reshape(-1)
+    # HF's `ptm` takes a max over the whole batch; score each chain on its own (unpadded) logits.
+    logits = out["ptm_logits"].float().cpu()
+    ptm = [float(compute_tm(logits[row, :t.length, :t.length], max_bin=31, no_bins=logits.shape[-1]))
+           for row, t in enumerate(targets)]
     results = []
     for row, target in enumerate(targets):
         n = target.length

@@ -253,7 +253,7 @@ def plot_pareto(summary: pd.DataFrame, path: Path, splits: list[str]) -> Path:
     """Mean TM-score vs trainable parameters (log x), one line per method; params-free references as lines."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(splits), figsize=(max(7.0, 5.4 * len(splits)), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(7.0, 5.4 * len(splits)), 5.0), squeeze=False)
     for ax, split in zip(axes[0], splits):
         table = summary[summary.split == split]
         trained = table[table.trainable_params > 0]
@@ -278,7 +278,7 @@ def plot_pareto(summary: pd.DataFrame, path: Path, splits: list[str]) -> Path:
         n_chains = int(table.n_targets.max()) if len(table) else 0
         ax.set_title(f"split: {split} ({n_chains} chain{'s' if n_chains != 1 else ''})")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.suptitle("TM-score vs trainable parameters (error bars: standard error over chains)", fontsize=11)
     return _save(fig, path)
 
@@ -575,6 +575,10 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
     wide = per_target.assign(variant=[_variant_label(m, r, t, p, False) for m, r, t, p in
                                       per_target[VARIANT].itertuples(index=False)])
     wide = wide.pivot_table(index=["split", "chain_id"], columns="variant", values="tm_score", sort=False)
+    order = per_target.drop_duplicates(VARIANT).assign(key=lambda f: f.method.map(_method_sort_key))
+    order = order.sort_values(["key", "rank", "targets", "part"])
+    columns = [_variant_label(m, r, t, p, False) for m, r, t, p in order[VARIANT].itertuples(index=False)]
+    wide = wide[[c for c in dict.fromkeys(columns) if c in wide.columns]]
     wide = wide.reset_index().round(3)
     wide.columns.name = None
     wide["split"] = pd.Categorical(wide["split"], categories=splits, ordered=True)

@@ -445,6 +445,7 @@ class TrainResult:
     run_dir: Path
     summary: dict
     aborted: bool
+    model: torch.nn.Module | None = None  # the trained in-memory model (base + adapter)
 
 
 def _build(cfg: dict) -> tuple[torch.nn.Module, set[str]]:
@@ -561,7 +562,7 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         summary = {**common, "train_seconds": 0.0, "steps": 0, "peak_memory_mb": _peak_memory_mb(on_gpu),
                    "final_train_loss": None, "best_val_tm_score": None, "status": "not_trained"}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return TrainResult(run_dir, summary, aborted=False)
+        return TrainResult(run_dir, summary, aborted=False, model=model)
 
     val_chains = {}
     if cfg["kind"] == "lm":
@@ -629,7 +630,7 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
     if trainer.is_global_zero:
         _flatten_metrics(run_dir)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return TrainResult(run_dir, summary, aborted=task.aborted)
+    return TrainResult(run_dir, summary, aborted=task.aborted, model=task.model)
 
 
 def _keep_previous_logs(run_dir: Path) -> None:

@@ -31,9 +31,9 @@ def _batch(length: int = 12, batch: int = 2, seed: int = 0) -> dict:
     x = torch.arange(length, dtype=torch.float32) * 3.8
     pos[..., 0, 0], pos[..., 1, 0], pos[..., 2, 0] = x[None] - 1.2, x[None], x[None] + 1.2
     pos[..., 0, 1], pos[..., 2, 1] = 0.8, 0.8
-    pos[..., 3, 0], pos[..., 3, 1] = x[None] + 1.6, 1.9  # O
-    pos[..., 4, 2] = 1.5  # CB
-    pos[..., 4, 0] = x[None]
+    pos[..., 4, 0], pos[..., 4, 1] = x[None] + 1.6, 1.9  # O (atom37 order N, CA, C, CB, O)
+    pos[..., 3, 2] = 1.5  # CB
+    pos[..., 3, 0] = x[None]
     mask37 = torch.zeros(batch, length, 37)
     mask37[..., :5] = 1
     return {"aatype": aatype, "residue_index": torch.arange(length).expand(batch, -1).clone(),
