@@ -216,7 +216,7 @@ class _Task(pl.LightningModule):
             return loss
         self.bad_steps += 1
         limit = self.cfg["trainer"]["max_bad_steps"]
-        warnings.warn(f"step {self.global_step}: non-finite loss ({float(loss)}); step skipped "
+        warnings.warn(f"step {self.global_step}: non-finite loss ({loss.detach().item()}); step skipped "
                       f"({self.bad_steps}/{limit} in a row)", RuntimeWarning, stacklevel=2)
         if self.bad_steps >= limit:
             self.aborted = True

@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.config import resolve
 from pipeline.predict import Target, fold, load_run_model, targets_from_dataset
 from pipeline.train import train
-from tests._train_helpers import make_dataset
+from tests._train_helpers import STRUCTURES, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -121,5 +121,5 @@ def test_predict_errors_name_the_input(tmp_path, trained_run):
 
 
 def test_target_length():
-    chain = read_chain(__import__("tests._train_helpers", fromlist=["x"]).STRUCTURES / "1l2y.pdb")
+    chain = read_chain(STRUCTURES / "1l2y.pdb")
     assert Target("1l2y_A", chain).length == 20

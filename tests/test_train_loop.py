@@ -52,6 +52,7 @@ def _evaluate(model, dataset, chain_ids) -> tuple[float, float, list[float], lis
     return float(loss), float(terms["fape_bb"]), quality["tm_score"], quality["lddt_ca"]
 
 
+@pytest.mark.slow  # ~15 s on an idle 2-core CPU, longer when shared
 def test_overfit_two_chains_with_stem_lorta_and_heads(dataset, tmp_path):
     cfg = _cfg(dataset, tmp_path / "run", max_steps=60, lr=1e-2, warmup_steps=5, schedule="constant",
                recycles=[0, 0], val_every_n_steps=1000, checkpoint_every_n_steps=1000)
