@@ -266,6 +266,28 @@ def method_variants() -> list[Variant]:
     ]
 
 
+def step_goal_rows(t: Timings) -> list[list[object]]:
+    """LoRTA / LoRA and foldtune LoRA / peft LoRA step-time ratios against their goals."""
+    rows: list[list[object]] = []
+    pairs = [(f"LoRTA / LoRA step ({g})", f"lorta {g}", f"lora {g}", 1.05) for g in ("attn", "attn+mlp")]
+    pairs += [(f"foldtune LoRA / peft LoRA step ({g})", f"lora {g}", f"peft_lora {g}", 1.00) for g in ("attn", "attn+mlp")]
+    for name, a, b, target in pairs:
+        value = t.ratio(a, b)
+        rows.append([name, value, f"<= {target}", verdict(value, "<=", target), f"{100 * t.spread(a):.0f}% / "
+                     f"{100 * t.spread(b):.0f}%"])
+    return rows
+
+
+def ratio_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool = True) -> list[Section]:
+    """Only the step-time goal pairs (6 variants, no memory): short steps, many rounds, for a busy machine."""
+    variants = [Variant(m, t) for t in (("attn",), ("attn", "mlp")) for m in ("lora", "peft_lora", "lorta")]
+    t = compare_train_steps(work, variants, warmup, repeats, measure_memory=False).timings
+    return [make_section(
+        f"Step-time goal ratios, goal pairs only — {work.shape}, B={work.batch}, L={work.length}, {repeats} rounds",
+        ["ratio", "measured", "goal", "verdict", "spread A / B"], step_goal_rows(t),
+        ["median step (s): " + ", ".join(f"{k} {t.median(k):.3g}" for k in t.seconds)])]
+
+
 def _safe_ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
@@ -295,23 +317,14 @@ def step_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool
         "peak = whole-process high-water mark (CPU: VmHWM of a fresh process; GPU: max_memory_allocated)",
     ])
 
-    goal_rows = []
-
-    def add(name: str, value: float, op: str, target: float) -> None:
-        goal_rows.append([name, value, f"{op} {target}", verdict(value, op, target)])
-
-    for targets in ("attn", "attn+mlp"):
-        add(f"LoRTA / LoRA step ({targets})", t.ratio(f"lorta {targets}", f"lora {targets}"), "<=", 1.05)
-    for targets in ("attn", "attn+mlp"):
-        add(f"foldtune LoRA / peft LoRA step ({targets})", t.ratio(f"lora {targets}", f"peft_lora {targets}"),
-            "<=", 1.00)
+    goal_rows = step_goal_rows(t)
     ratio_rows = []
     if mem:
         for label in ("lora attn+mlp", "lorta attn+mlp", "tlora attn+mlp", "lora attn", "lorta attn", "frozen"):
             ratio_rows.append([f"{label} / full", _safe_ratio(mem[label]["peak_mb"], mem["full"]["peak_mb"]),
                                _safe_ratio(mem[label]["delta_mb"], mem["full"]["delta_mb"])])
     goals = make_section(f"Step-time goals — {work.shape}, B={work.batch}, L={work.length}",
-                         ["ratio", "measured", "goal", "verdict"], goal_rows,
+                         ["ratio", "measured", "goal", "verdict", "spread A / B"], goal_rows,
                          ["ratios are medians over interleaved rounds of t_A/t_B from the same round"])
     memory = make_section(f"Peak memory: adapter / full fine-tuning — {work.shape}, B={work.batch}, L={work.length}",
                           ["ratio", "peak (whole process)", "step memory"], ratio_rows,
@@ -397,7 +410,7 @@ def workloads(gpu: bool, quick: bool, reduced: bool = False) -> dict[str, list[W
     """Which shapes each table runs on (`reduced`: CPU shapes with half the tokens, for a busy machine)."""
     if quick:
         tiny = Workload("tiny", batch=2, length=32, rank=4)
-        return {"steps": [tiny], "dense": [tiny], "merged": [tiny]}
+        return {"steps": [tiny], "dense": [tiny], "merged": [tiny], "ratios": [tiny]}
     if gpu:
         kw = dict(device="cuda", autocast_bf16=True)
         return {
@@ -405,6 +418,7 @@ def workloads(gpu: bool, quick: bool, reduced: bool = False) -> dict[str, list[W
                       Workload("esm2_t36_3B", batch=4, length=512, **kw)],
             "dense": [Workload("esm2_t33_650M", batch=8, length=512, **kw)],
             "merged": [Workload("esm2_t33_650M", batch=8, length=512, **kw)],
+            "ratios": [Workload("esm2_t33_650M", batch=2, length=512, **kw)],
         }
     batch = 4 if reduced else 8
     return {
@@ -412,6 +426,7 @@ def workloads(gpu: bool, quick: bool, reduced: bool = False) -> dict[str, list[W
         "dense": [Workload("esm2_t33_650M", batch=batch // 4, length=128)],
         # reduced: short forwards and many rounds, so a 1 % goal is not lost in the noise of a busy machine
         "merged": [Workload("esm2_t12_35M", batch=1 if reduced else batch, length=256)],
+        "ratios": [Workload("esm2_t12_35M", batch=1, length=256)],
     }
 
 
@@ -419,11 +434,12 @@ def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps"
         reduced: bool = False) -> list[Section]:
     plan = workloads(gpu, quick, reduced)
     # interleaved rounds per table; forwards are cheap and the merged goal is 1 %, so it gets many more
-    rounds = ({"steps": 2, "dense": 2, "merged": 3} if quick else
-              {"steps": 3, "dense": 5, "merged": 30} if reduced else {"steps": 5, "dense": 5, "merged": 12})
+    rounds = ({"steps": 2, "dense": 2, "merged": 3, "ratios": 2} if quick else
+              {"steps": 3, "dense": 5, "merged": 30, "ratios": 15} if reduced else
+              {"steps": 5, "dense": 5, "merged": 12, "ratios": 15})
     sections: list[Section] = []
     builders: dict[str, Callable[..., list[Section]]] = {
-        "steps": step_sections, "dense": dense_sections, "merged": merged_sections}
+        "steps": step_sections, "dense": dense_sections, "merged": merged_sections, "ratios": ratio_sections}
     for table in only:
         for work in plan[table]:
             sections += builders[table](work, 1, rounds[table], fresh_process=not quick)
@@ -437,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=["steps", "dense", "merged"],
-                        choices=["steps", "dense", "merged"])
+                        choices=["steps", "dense", "merged", "ratios"])
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))

@@ -202,7 +202,7 @@ def info_block(info: dict[str, str], command: str, load_before: str, load_after:
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(value: object) -> str:
         if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+            return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
         return str(value)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

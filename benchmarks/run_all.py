@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"first wait up to SECONDS for the 1-min load average to drop below {QUIET_LOAD}")
     parser.add_argument("--reduced", action="store_true",
                         help="busy machine: CPU adapter tables at half the batch (B=4 / B=1) and 3 rounds")
-    parser.add_argument("--adapter-tables", nargs="+", choices=("steps", "dense", "merged"),
+    parser.add_argument("--adapter-tables", nargs="+", choices=("steps", "dense", "merged", "ratios"),
                         default=["steps", "dense", "merged"], help="which adapter tables to run")
     parser.add_argument("--merge-from", nargs="*", type=Path, default=[], metavar="MD",
                         help="copy the suite blocks of earlier outputs (e.g. suites run in parallel into "
