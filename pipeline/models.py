@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import socket
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import EsmConfig
 from transformers.models.esm.configuration_esm import get_default_vocab_list
 from transformers.models.esm.modeling_esmfold import (
+    EsmFoldLinear,
     EsmForProteinFolding,
     EsmForProteinFoldingOutput,
     categorical_lddt,
@@ -92,9 +94,11 @@ TRUNK_KEYS = ("num_blocks", "sequence_state_dim", "pairwise_state_dim", "sequenc
 STRUCTURE_MODULE_KEYS = ("sequence_dim", "pairwise_dim", "ipa_dim", "resnet_dim", "num_heads_ipa",
                          "num_qk_points", "num_v_points", "num_blocks", "dropout_rate")
 
-# Modules outside the stem/trunk adapters that `model.train_heads` makes trainable and saves.
-HEAD_MODULES = ("distogram_head", "ptm_head", "lddt_head", "lm_head", "trunk.structure_module",
-                "trunk.trunk2sm_s", "trunk.trunk2sm_z")
+# Modules outside the stem and the trunk blocks that `model.train_heads` makes trainable and saves: the
+# input projection of the language-model features (layer mixture, MLP, amino-acid embedding), the structure
+# module with its projections, and the output heads.
+HEAD_MODULES = ("esm_s_combine", "esm_s_mlp", "embedding", "distogram_head", "ptm_head", "lddt_head", "lm_head",
+                "trunk.structure_module", "trunk.trunk2sm_s", "trunk.trunk2sm_z")
 
 
 class ModelSourceError(RuntimeError):
@@ -168,6 +172,8 @@ class FoldingModel(EsmForProteinFolding):
             attention_mask = torch.ones_like(aa)
         if position_ids is None:
             position_ids = torch.arange(length, device=aa.device).expand_as(aa)
+        if num_recycles is None and cfg.trunk.max_recycles == 0:
+            num_recycles = 0  # upstream's default runs max_recycles trunk passes: none at all for 0
 
         esmaa = self.af2_idx_to_esm_idx(aa, attention_mask)
         mlm_targets = None
@@ -210,8 +216,73 @@ class FoldingModel(EsmForProteinFolding):
         return EsmForProteinFoldingOutput(**out)
 
 
+# ------------------------------------------------------------------------- initialisation
+
+_SOFTPLUS_INVERSE_1 = math.log(math.e - 1.0)  # softplus(x) = 1: IPA head weights start at 1 (AF2 Alg. 22)
+
+
+def _init_esmfold_linear(layer: EsmFoldLinear) -> None:
+    """AF2 supplement 1.11.4 initialisers, chosen by the layer's `init` tag (as openfold's Linear)."""
+    weight, bias = layer.weight, layer.bias
+    fan_in = max(1, weight.shape[1])
+    if layer.init_fn is not None:
+        layer.init_fn(weight, bias)
+        return
+    if layer.init == "default":  # LeCun normal
+        torch.nn.init.normal_(weight, std=math.sqrt(1.0 / fan_in))
+    elif layer.init == "relu":  # He normal
+        torch.nn.init.normal_(weight, std=math.sqrt(2.0 / fan_in))
+    elif layer.init == "glorot":
+        torch.nn.init.xavier_uniform_(weight, gain=1.0)
+    elif layer.init in ("gating", "final"):
+        torch.nn.init.zeros_(weight)
+    elif layer.init == "normal":
+        torch.nn.init.kaiming_normal_(weight, nonlinearity="linear")
+    if bias is not None:
+        torch.nn.init.constant_(bias, 1.0 if layer.init == "gating" else 0.0)
+
+
+def init_folding_head(model: FoldingModel) -> None:
+    """Initialise every parameter outside the ESM-2 stem as ESMFold/AlphaFold do.
+
+    Upstream `EsmForProteinFolding` derives from `EsmPreTrainedModel`, so `post_init` gives every layer of
+    the trunk and structure module BERT's N(0, 0.02) and never applies the ESMFold initialisers of
+    `EsmFoldPreTrainedModel`: the backbone update (`init="final"`, zero: all frames start at the identity)
+    and the residual output projections start random instead of zero, and the structure module barely
+    learns from scratch (backbone FAPE stuck at ~0.88 on one chain). Here: `EsmFoldLinear` by its tag
+    (AF2 1.11.4), other Linear / Embedding / LayerNorm layers with PyTorch defaults (the fair-esm trunk),
+    IPA head weights softplus^-1(1), zero residual outputs of each trunk block, and recycling bin 0 = 0.
+    """
+    from transformers.models.esm.modeling_esmfold import (
+        EsmFoldInvariantPointAttention,
+        EsmFoldTriangularSelfAttentionBlock,
+    )
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name == "esm" or name.startswith("esm."):
+                continue
+            if isinstance(module, EsmFoldLinear):
+                _init_esmfold_linear(module)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)):
+                module.reset_parameters()
+            if isinstance(module, EsmFoldInvariantPointAttention):
+                module.head_weights.fill_(_SOFTPLUS_INVERSE_1)
+        for block in model.trunk.blocks:
+            assert isinstance(block, EsmFoldTriangularSelfAttentionBlock)
+            zero = [block.tri_mul_in.linear_z, block.tri_mul_out.linear_z, block.tri_att_start.mha.linear_o,
+                    block.tri_att_end.mha.linear_o, block.sequence_to_pair.o_proj, block.pair_to_sequence.linear,
+                    block.seq_attention.o_proj, block.mlp_seq.mlp[-2], block.mlp_pair.mlp[-2]]
+            for layer in zero:
+                torch.nn.init.zeros_(layer.weight)
+                if layer.bias is not None:
+                    torch.nn.init.zeros_(layer.bias)
+        model.trunk.recycle_disto.weight[0].zero_()
+
+
 def head_parameters(model: FoldingModel) -> dict[str, torch.nn.Parameter]:
-    """Parameters of the folding heads + structure module (what `model.train_heads` trains)."""
+    """Parameters of the folding head outside the trunk blocks (what `model.train_heads` trains): the
+    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads."""
     params: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
         if any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
@@ -244,7 +315,7 @@ def check_size_overrides(size: dict) -> None:
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"model.size.{key}: expected a number in [0, 1), got {value!r}")
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if parts[-1] == "num_blocks" else 1):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if parts[-1] in ("num_blocks", "max_recycles") else 1):
             raise ConfigError(f"model.size.{key}: expected a positive integer, got {value!r}")
 
 
@@ -451,6 +522,7 @@ def build_esm2_stem(source: str, num_blocks: int, size: dict | None = None) -> F
     model = FoldingModel(esm2_stem_config(dims, token_dropout, num_blocks, size))
     if meta:
         return model
+    init_folding_head(model)  # the folding head is fresh: ESMFold's initialisers (see init_folding_head)
     mapped = fair_esm_to_hf(state)
     expected = set(model.esm.state_dict())
     missing = sorted(k for k in expected - set(mapped)
@@ -481,7 +553,10 @@ def _build_folding_model(model_cfg: dict) -> FoldingModel:
     source = model_cfg.get("source", "random")
     size = model_cfg.get("size") or {}
     if source == "random":
-        return FoldingModel(tiny_config(size))
+        model = FoldingModel(tiny_config(size))
+        if not _on_meta_device():
+            init_folding_head(model)
+        return model
     if source == "esmfold_pretrained":
         if not model_cfg.get("path"):
             raise ValueError("model.path: source esmfold_pretrained needs a local directory or hub id")

@@ -126,7 +126,7 @@ def attach_method(model: torch.nn.Module, adapter_cfg: dict, train_heads: bool =
     import adapters
 
     adapters.attach(model, adapters.config_from_dict(_adapter_dict(adapter_cfg)))
-    if train_heads:
+    if train_heads and adapter_cfg["method"] != "none":  # `none` is the untouched base: nothing trains
         from pipeline.models import head_parameters
 
         for param in head_parameters(model).values():
@@ -236,8 +236,9 @@ class _Task(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # A finite loss can still give inf/NaN gradients (fp16 overflow is handled by the scaler): drop them.
+        # One fused norm over every gradient (inf/NaN propagate into it) instead of a check per tensor.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             warnings.warn(f"step {self.global_step}: non-finite gradient; update skipped", RuntimeWarning)
             for p in self.model.parameters():
                 p.grad = None

@@ -52,23 +52,35 @@ def _evaluate(model, dataset, chain_ids) -> tuple[float, float, list[float], lis
     return float(loss), float(terms["fape_bb"]), quality["tm_score"], quality["lddt_ca"]
 
 
-@pytest.mark.slow  # ~15 s on an idle 2-core CPU, longer when shared
-def test_overfit_two_chains_with_stem_lorta_and_heads(dataset, tmp_path):
-    cfg = _cfg(dataset, tmp_path / "run", max_steps=60, lr=1e-2, warmup_steps=5, schedule="constant",
-               recycles=[0, 0], val_every_n_steps=1000, checkpoint_every_n_steps=1000)
-    cfg["data"]["crop_size"] = 40  # whole chains
-    ids = ["1l2y_A", "1vii_A"]
+@pytest.fixture(scope="module")
+def overfit_dataset(tmp_path_factory):
+    # 1psm (38 residues) + 1ejg (crambin, 47): short real chains, whole chains fit in one crop
+    root = tmp_path_factory.mktemp("overfit")
+    return make_dataset(root / "dataset", [("1psm.cif", "train"), ("1ejg.pdb", "train")])
+
+
+@pytest.mark.slow  # ~25 s on an idle 2-core CPU (100 steps), ~50 s when the machine is shared
+def test_overfit_two_chains_with_stem_lorta_and_heads(overfit_dataset, tmp_path):
+    """LoRTA r4 on the ESM-2 stem + the trainable folding head (`model.train_heads`: feature projection,
+    structure module, heads) memorises two real chains: the loss falls and the structure gets better."""
+    cfg = _cfg(overfit_dataset, tmp_path / "run", max_steps=100, lr=5e-3, warmup_steps=5, schedule="constant",
+               recycles=[0, 0], val_every_n_steps=1000, checkpoint_every_n_steps=1000, threads=1)
+    cfg["data"].update(crop_size=64, val_split=None)  # whole chains
+    ids = ["1psm_A", "1ejg_A"]
     untrained, _ = _build(cfg)
-    loss0, fape0, tm0, lddt0 = _evaluate(untrained, dataset, ids)
+    loss0, fape0, tm0, lddt0 = _evaluate(untrained, overfit_dataset, ids)
     result = train(cfg)
-    loss1, fape1, tm1, lddt1 = _evaluate(load_run_model(result.run_dir), dataset, ids)
+    loss1, fape1, tm1, lddt1 = _evaluate(load_run_model(result.run_dir), overfit_dataset, ids)
     print(f"overfit: loss {loss0:.3f} -> {loss1:.3f}; FAPE_bb {fape0:.3f} -> {fape1:.3f}; "
           f"TM {tm0} -> {tm1}; lDDT-CA {lddt0} -> {lddt1}")
-    # Measured (60 steps): loss 3.09 -> 2.16, i.e. -30 %. The tiny random trunk is frozen, so the
-    # geometry moves slowly: backbone FAPE falls ~11 %, TM-score does not rise yet (see docs/training.md).
-    assert loss1 < 0.8 * loss0
-    assert fape1 < 0.95 * fape0  # measured 0.832 -> 0.743
-    assert result.summary["steps"] == 60 and result.summary["trainable_params"] < result.summary["total_params"]
+    # Measured (100 steps, seed 0): loss 3.28 -> 1.76, FAPE_bb 0.884 -> 0.812, TM 0.057/0.084 -> 0.155/0.251,
+    # CA-lDDT 0.03/0.02 -> 0.40/0.39. Margins leave room for other BLAS builds / thread timings.
+    assert loss1 < 0.7 * loss0
+    assert fape1 < 0.95 * fape0
+    assert all(after > before + 0.05 for before, after in zip(tm0, tm1)), (tm0, tm1)
+    assert sum(tm1) / 2 > sum(tm0) / 2 + 0.08
+    assert min(lddt1) > 0.25 and max(lddt0) < 0.1
+    assert result.summary["steps"] == 100 and result.summary["trainable_params"] < result.summary["total_params"]
 
 
 class _Kill(pl.Callback):
@@ -137,7 +149,7 @@ def test_nonfinite_losses_skip_then_abort_cleanly(dataset, tmp_path, monkeypatch
 def test_method_none_writes_a_run_without_training(dataset, tmp_path):
     cfg = _cfg(dataset, tmp_path / "none")
     cfg["adapter"]["method"] = "none"
-    cfg["model"]["train_heads"] = False
+    assert cfg["model"]["train_heads"]  # the grid's shared setting: `none` must still train and count nothing
     result = train(cfg)
     assert result.summary["steps"] == 0 and result.summary["trainable_params"] == 0
     assert (tmp_path / "none" / "adapter" / "adapter_config.json").is_file()
