@@ -39,19 +39,14 @@ from transformers.models.esm.openfold_utils import (
     make_atom14_masks,
 )
 
+from adapters.zoo import FAIR_ESM2
+
 HUB_ESMFOLD = "facebook/esmfold_v1"
 FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 
-# fair-esm ESM-2 releases: name -> (layers, embed_dim, heads). Used to size a model on the meta device
-# without downloading it, and to validate names early.
-FAIR_ESM2_MODELS: dict[str, tuple[int, int, int]] = {
-    "esm2_t6_8M_UR50D": (6, 320, 20),
-    "esm2_t12_35M_UR50D": (12, 480, 20),
-    "esm2_t30_150M_UR50D": (30, 640, 20),
-    "esm2_t33_650M_UR50D": (33, 1280, 20),
-    "esm2_t36_3B_UR50D": (36, 2560, 40),
-    "esm2_t48_15B_UR50D": (48, 5120, 40),
-}
+# fair-esm ESM-2 releases: name -> (layers, embed_dim, heads), one table shared with `foldtune params`.
+# Used to size a model on the meta device without downloading it, and to validate names early.
+FAIR_ESM2_MODELS = FAIR_ESM2
 
 TINY_STEM: dict[str, Any] = {
     "hidden_size": 32,
