@@ -7,10 +7,9 @@ from pathlib import Path
 
 from data.dataset import save_chain
 from data.structure import read_chain
+from tests.shared_data import SHARED_STRUCTURES
 
-STRUCTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
-if not STRUCTURES.is_dir():  # checkout elsewhere: the shared data's fixed location
-    STRUCTURES = Path("/work/shared/data/structures")
+STRUCTURES = SHARED_STRUCTURES
 
 
 def make_dataset(out: Path, files: list[tuple[str, str]]) -> tuple[Path, Path]:

@@ -6,7 +6,6 @@ import dataclasses
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ from transformers.models.esm.openfold_utils import residue_constants as rc
 
 from data.structure import chain_to_pdb, read_chain
 from pipeline.baselines import ideal_helix_backbone, ideal_helix_chain, place_atom
+from tests.shared_data import SHARED_STRUCTURES
 
-STRUCTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
+STRUCTURES = SHARED_STRUCTURES
 N, CA, C, O, CB = (rc.atom_order[a] for a in ("N", "CA", "C", "O", "CB"))
 
 

@@ -16,10 +16,9 @@ import pytest
 from data.fetch import FetchConfig, Target, fetch, parse_target, read_ids_file, validate_mmcif
 from data.structure import read_chain
 from pipeline.cli import main
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples" / "structures"
 TIMEOUT = 0.2
 

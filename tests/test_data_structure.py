@@ -11,10 +11,9 @@ import pandas as pd
 import pytest
 
 from data.structure import ATOM_ORDER, chain_to_pdb, read_chain, read_chains
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 MANIFEST = pd.read_csv(SHARED / "MANIFEST.csv", keep_default_na=False, dtype=str)
 # 1ejg residue 22 is a Pro/Ser microheterogeneity; the manifest (gemmi) counts both conformers, we keep
 # the higher-occupancy one (Pro, 0.6) so that every position has one residue.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from transformers.models.esm.openfold_utils import (
 
 from data.structure import read_chain
 from pipeline.features import make_ground_truth, rigid_from_3_points
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 CHAINS = ["1ubi.pdb", "1a8o.pdb", "2rbg.pdb", "1ejg.pdb"]  # plain, MSE, MSE + 124 res, 0.54 Å with altlocs
 A = rc.atom_order
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ from transformers import EsmConfig, EsmForProteinFolding
 
 from data.structure import read_chain
 from pipeline.losses import DEFAULT_WEIGHTS, folding_loss
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 TINY = dict(
     vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
     pad_token_id=1, mask_token_id=32, position_embedding_type="rotary", is_folding_model=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from transformers.models.esm.openfold_utils import residue_constants as rc
 from data.structure import read_chain
 from pipeline import losses
 from pipeline.features import make_ground_truth
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 N_SM = 3
 FAPE_AT_TRUTH = math.sqrt(1e-4) / 10.0  # sqrt(eps)/length_scale
 

@@ -3,7 +3,6 @@ and the batched torch CA-lDDT used in training."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import biotite.structure as struc
 import numpy as np
@@ -13,10 +12,9 @@ from transformers.models.esm.openfold_utils import residue_constants as rc
 
 from data.structure import read_chain
 from pipeline import metrics, scoring
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,9 @@ import torch
 
 from data.structure import ProteinChain, chain_to_pdb, read_chain
 from pipeline import metrics, scoring
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 
 TMSCORE = shutil.which("TMscore")
 needs_tmscore = pytest.mark.skipif(

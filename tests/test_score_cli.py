@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,10 +11,9 @@ import pytest
 from data.structure import chain_to_pdb, read_chain
 from pipeline import scoring
 from pipeline.cli import main
+from tests.shared_data import SHARED_STRUCTURES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/structures")
+SHARED = SHARED_STRUCTURES
 MODEL, TARGET = SHARED / "7sgn_C_model.pdb", SHARED / "7sgn_C_target.pdb"
 
 
