@@ -25,25 +25,23 @@ import torch
 import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 
+from adapters.zoo import FAIR_ESM2
+
 from benchmarks.common import (
-    PeakMemory,
     Section,
     Timings,
     log,
     make_section,
     run_worker,
+    step_memory,
     time_interleaved,
     verdict,
 )
 
-# (layers, embed dim, heads) of the released ESM-2 checkpoints; weights are random here.
+# (layers, embed dim, heads) of the released ESM-2 checkpoints (adapters.zoo's table, short names) + a tiny
+# shape for smoke tests; weights are random here.
 ESM2_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 64, 4),
-    "esm2_t6_8M": (6, 320, 20),
-    "esm2_t12_35M": (12, 480, 20),
-    "esm2_t33_650M": (33, 1280, 20),
-    "esm2_t36_3B": (36, 2560, 40),
-}
+    "tiny": (2, 64, 4), **{name.removesuffix("_UR50D"): shape for name, shape in FAIR_ESM2.items()}}
 PEFT_TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "out_proj"], "mlp": ["fc1", "fc2"]}
 FOLDTUNE_METHODS = ("lora", "lorta", "tlora")
 
@@ -210,10 +208,7 @@ def measure_train_memory(work: Workload, variant: Variant, steps: int = 2, fresh
             "job": "train_memory", "work": asdict(work), "variant": asdict(variant), "steps": steps,
             "threads": torch.get_num_threads()})
     step = build_train_step(work, variant)
-    with PeakMemory(work.device) as mem:
-        for _ in range(steps):
-            step()
-    return {"peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb}
+    return step_memory(step, steps, work.device)
 
 
 def _worker(payload: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PeakMemory, REPO_ROOT, Section, log, make_section, run_worker, time_interleaved
+from benchmarks.common import REPO_ROOT, Section, log, make_section, run_worker, step_memory, time_interleaved
 
 STRUCTURES = REPO_ROOT.parent / "shared" / "data" / "structures"
 
@@ -129,10 +129,7 @@ def measure_memory(work: FoldWork, method: str, steps: int = 2, fresh_process: b
             "work": {**asdict(work), "methods": list(work.methods)}, "method": method, "steps": steps,
             "threads": torch.get_num_threads()})
     step = build_fold_step(work, method)
-    with PeakMemory(work.device) as mem:
-        for _ in range(steps):
-            step()
-    return {"peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb}
+    return step_memory(step, steps, work.device)
 
 
 def fold_section(work: FoldWork, warmup: int, repeats: int, fresh_process: bool = True) -> Section:

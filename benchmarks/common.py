@@ -137,6 +137,14 @@ class PeakMemory:
         return self.peak_mb - self.baseline_mb
 
 
+def step_memory(step, steps: int, device: str) -> dict:
+    """Run ``step`` ``steps`` times inside PeakMemory; dict(peak_mb, delta_mb)."""
+    with PeakMemory(device) as mem:
+        for _ in range(steps):
+            step()
+    return {"peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb}
+
+
 def run_worker(module: str, payload: dict, timeout: float = 1800) -> dict:
     """Run `python -m <module> --worker '<json>'` in a fresh process and return the JSON it prints last."""
     env = dict(os.environ)
