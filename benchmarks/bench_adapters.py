@@ -16,7 +16,6 @@ Run alone: `python -m benchmarks.bench_adapters [--quick] [--gpu]`; `run_all.py`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from adapters.zoo import FAIR_ESM2
 from benchmarks.common import (
     Section,
     Timings,
+    bench_main,
     log,
     make_section,
     run_worker,
@@ -442,21 +442,12 @@ def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=["steps", "dense", "merged"],
-                        choices=["steps", "dense", "merged", "ratios"])
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return 0
-    torch.set_num_threads(args.threads)
-    for section in run(args.gpu, args.quick, tuple(args.only)):
-        print(section.markdown())
-    return 0
+    def add_tables(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--only", nargs="+", default=["steps", "dense", "merged"],
+                            choices=["steps", "dense", "merged", "ratios"])
+
+    return bench_main(__doc__.splitlines()[0], _worker,
+                      lambda args: run(args.gpu, args.quick, tuple(args.only)), argv, add_tables)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ Run alone: `python -m benchmarks.bench_folding [--quick] [--gpu]`; `run_all.py` 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO_ROOT, Section, log, make_section, run_worker, step_memory, time_interleaved
+from benchmarks.common import REPO_ROOT, bench_main, Section, log, make_section, run_worker, step_memory, time_interleaved
 
 STRUCTURES = REPO_ROOT.parent / "shared" / "data" / "structures"
 
@@ -182,19 +180,7 @@ def _worker(payload: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return 0
-    torch.set_num_threads(args.threads)
-    for section in run(args.gpu, args.quick):
-        print(section.markdown())
-    return 0
+    return bench_main(__doc__.splitlines()[0], _worker, lambda args: run(args.gpu, args.quick), argv)
 
 
 if __name__ == "__main__":

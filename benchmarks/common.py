@@ -7,6 +7,7 @@ every variant alike. A ratio A/B is the median over rounds of (t_A / t_B) of the
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import importlib.metadata
@@ -250,3 +251,26 @@ def make_section(title: str, headers: list[str], rows: list[list[object]], notes
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def bench_main(description: str, worker: Callable[[dict], dict],
+               sections: Callable[[argparse.Namespace], Sequence["Section"]],
+               argv: list[str] | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Command line shared by the benchmark modules: `--worker JSON` runs one measurement in this (fresh)
+    process and prints its JSON result for `run_worker`; otherwise the module's tables are printed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    torch.set_num_threads(args.threads)
+    for section in sections(args):
+        print(section.markdown())
+    return 0
