@@ -70,6 +70,30 @@ class LinearAdapter(AdapterModule):
         with fp32_region(x):
             return self.delta(x.float())
 
+    def rank_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(h, right)` with `delta(x).reshape(-1, w) == h.reshape(-1, k) @ right`, right `(k, w)`.
+
+        Subclasses whose update ends in one small matmul return it so `add_to` can fuse it with the sum;
+        None (the default) means "not expressible here" (row selection, output dropout, interleaving).
+        """
+        return None
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`output + delta(x)`: the Linear's output (..., d_out) plus this adapter's, in output's dtype.
+
+        In fp32 without autocast the last adapter matmul and the sum are one GEMM with beta = 1
+        (`addmm`): no (n, d_out) temporary and no separate add, forward or backward.
+        """
+        if output.dtype == torch.float32 and x.dtype == torch.float32 and not torch.is_autocast_enabled(
+            x.device.type
+        ):
+            factors = self.rank_space(x)
+            if factors is not None:
+                h, right = factors
+                flat = torch.addmm(output.reshape(-1, right.shape[1]), h.reshape(-1, right.shape[0]), right)
+                return flat.view(output.shape)
+        return output + self(x).to(output.dtype)
+
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
         if not self.merged:
@@ -87,7 +111,7 @@ def _add_adapter_output(linear: nn.Module, args: tuple, output: torch.Tensor) ->
     adapter = linear._modules[ADAPTER_ATTR]
     if adapter.merged:
         return output
-    return output + adapter(args[0]).to(output.dtype)
+    return adapter.add_to(output, args[0])
 
 
 def install(linear: nn.Linear, adapter: LinearAdapter) -> None:

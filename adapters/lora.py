@@ -30,8 +30,15 @@ class LoRALinear(LinearAdapter):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., r): scaling * dropout(x) @ A.T (scaling on the narrow side)."""
+        return (self.dropout(x) @ self.lora_A.T) * self.scaling
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.place_rows((self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling)
+        return self.place_rows(self._hidden(x) @ self.lora_B.T)
+
+    def rank_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.out_rows is not None else (self._hidden(x), self.lora_B.T)
 
     def get_delta_weight(self) -> torch.Tensor:
         dense = (self.lora_B @ self.lora_A) * self.scaling  # (rows, d_in)

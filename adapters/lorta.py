@@ -100,29 +100,39 @@ class LoRTALinear(LinearAdapter):
             return t.unflatten(-1, (f.heads, self.blocks, f.head_dim)).transpose(-3, -2)
         return t.unflatten(-1, (-1, f.heads, f.head_dim))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d_in) -> (..., d_out) without any dense dW; cost ~ n * r * (d_in + d_out)."""
+    def _rank_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., d_in) -> h (..., S_out, r) and right (r, d): the update's output blocks are h @ right.
+
+        The head-side factors enter as one (r, d) matrix `HB[k, h*d_h + j] = C_H[h, k] B[k, j]`, so both
+        sides are plain rank-r matmuls, as in LoRA: cost ~ n * r * (d_in + d_out), no dense dW and no
+        (n, H, r) intermediate.
+        """
         f = self.factors
+        head_mix = (f.C_H.T[:, :, None] * f.B[:, None, :]).flatten(1)  # (r, H * d_h) = (r, d)
         x = self.dropout(x)
-        xs = self._blocks_view(x) if self.long_axis == "in" else x.unflatten(-1, (1, f.heads, f.head_dim))
-        # into rank space, one row per input block: (..., S_in, r)
-        if self.head_axis == "in":
-            p = ((xs @ f.B.T) * f.C_H).sum(-2)                  # (..., S_in, H, r) -> (..., S_in, r)
-        else:
-            p = xs.flatten(-2) @ f.A                             # (..., S_in, r)
-        coef = self._coef()
+        xs = self._blocks_view(x).flatten(-2) if self.long_axis == "in" else x.unsqueeze(-2)  # (..., S_in, d)
+        p = xs @ (head_mix.T if self.head_axis == "in" else f.A)   # (..., S_in, r)
+        coef = self._coef()                                        # (S, r)
         if self.long_axis == "in":
-            q = (p * coef).sum(-2, keepdim=True)                 # (..., 1, r)
+            q = (p * coef).sum(-2, keepdim=True)                   # (..., 1, r)
         else:
-            q = p * coef                                         # (..., S_out, r)
-        # out of rank space, one block per output block: (..., S_out, H, d_h)
-        if self.head_axis == "out":
-            y = (q.unsqueeze(-2) * f.C_H) @ f.B                  # (..., S_out, H, d_h)
-        else:
-            y = (q @ f.A.T).unflatten(-1, (f.heads, f.head_dim))
+            q = p * coef                                           # (..., S_out, r)
+        return q, (head_mix if self.head_axis == "out" else f.A.T)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_in) -> (..., d_out)."""
+        f = self.factors
+        h, right = self._rank_space(x)
+        y = (h @ right).reshape(*x.shape[:-1], -1, f.heads, f.head_dim)  # (..., S_out, H, d_h)
         if self.long_axis == "out" and self.interleaved:
             y = y.transpose(-3, -2)                              # (..., H, S, d_h)
         return y.flatten(-3)
+
+    def rank_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Interleaved output blocks are (H, S, d_h) in memory, not the (S, H, d_h) order of h @ right.
+        if self.long_axis == "out" and self.interleaved:
+            return None
+        return self._rank_space(x)
 
     def get_delta_weight(self) -> torch.Tensor:
         """Dense dW (d_out, d_in) from the CP factors (merge and tests only)."""

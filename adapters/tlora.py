@@ -64,9 +64,18 @@ class TLoRALinear(LinearAdapter):
         self.tlora_A.copy_(a)
         self.tlora_C.copy_(c)
 
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., r): alpha * x @ A @ B."""
+        return (x @ self.tlora_A) @ self.tlora_B * self.tlora_alpha
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        y = ((x @ self.tlora_A) @ self.tlora_B) @ self.tlora_C * self.tlora_alpha
-        return self.place_rows(self.dropout(y))
+        return self.place_rows(self.dropout(self._hidden(x) @ self.tlora_C))
+
+    def rank_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        output_dropout = isinstance(self.dropout, nn.Dropout) and self.training
+        if self.out_rows is not None or output_dropout:
+            return None
+        return self._hidden(x), self.tlora_C
 
     def get_delta_weight(self) -> torch.Tensor:
         dense = (self.tlora_A @ self.tlora_B @ self.tlora_C * self.tlora_alpha).T  # (rows, d_in)

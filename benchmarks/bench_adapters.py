@@ -328,41 +328,48 @@ def step_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool
 
 
 def dense_sections(work: Workload, warmup: int, repeats: int, fresh_process: bool = True) -> list[Section]:
-    """Reference-style dense-ΔW LoRTA forward vs foldtune's factorised LoRTA (attention Q,K,V,O)."""
+    """Reference-style dense-ΔW LoRTA forward vs foldtune's factorised LoRTA: Q,K,V,O (M=4) and + MLP (M=12)."""
     from benchmarks.lorta_dense import DenseDeltaLoRTA
 
-    log(f"building LoRTA attn on {work.shape} (dense reference shares the same model)")
-    model = apply_variant(build_esm2(work.shape, work.seed), Variant("lorta", ("attn",)), work.rank)
-    step = TrainStep(model, work)
-    dense = DenseDeltaLoRTA(model)
-
-    def dense_step() -> None:
-        with dense:
-            step()
-
-    timings = time_interleaved({"foldtune lorta": step, "dense-ΔW lorta": dense_step}, warmup, repeats,
-                               work.device, progress=log)
-    del step, model, dense
-    memory = {}
-    for variant in (Variant("lorta", ("attn",)), Variant("lorta_dense", ("attn",))):
-        log(f"peak memory of {variant.label} on {work.shape} (fresh process)")
-        memory[variant.label] = measure_train_memory(work, variant, fresh_process=fresh_process)
-    ratio = timings.ratio("dense-ΔW lorta", "foldtune lorta")
     layers, dim, heads = work.dims
-    rows = [
-        ["foldtune LoRTA (factorised)", timings.median("foldtune lorta"), memory["lorta attn"]["peak_mb"],
-         memory["lorta attn"]["delta_mb"], "", "", ""],
-        ["dense-ΔW reference forward", timings.median("dense-ΔW lorta"), memory["lorta_dense attn"]["peak_mb"],
-         memory["lorta_dense attn"]["delta_mb"], ratio, ">= 2", verdict(ratio, ">=", 2.0)],
-    ]
+    rows = []
+    for targets in (("attn",), ("attn", "mlp")):
+        group = "+".join(targets)
+        n_types = 4 if targets == ("attn",) else 12
+        log(f"building LoRTA {group} on {work.shape} (dense reference shares the same model)")
+        model = apply_variant(build_esm2(work.shape, work.seed), Variant("lorta", targets), work.rank)
+        step = TrainStep(model, work)
+        dense = DenseDeltaLoRTA(model)
+
+        def dense_step() -> None:
+            with dense:
+                step()
+
+        timings = time_interleaved({"foldtune": step, "dense": dense_step}, warmup, repeats, work.device,
+                                   progress=log)
+        del step, model, dense, dense_step
+        memory = {}
+        for variant in (Variant("lorta", targets), Variant("lorta_dense", targets)):
+            log(f"peak memory of {variant.label} on {work.shape} (fresh process)")
+            memory[variant.method] = measure_train_memory(work, variant, fresh_process=fresh_process)
+        ratio = timings.ratio("dense", "foldtune")
+        rows += [
+            [f"foldtune LoRTA (factorised), {group}", layers * n_types, timings.median("foldtune"),
+             memory["lorta"]["peak_mb"], memory["lorta"]["delta_mb"], "", "", ""],
+            [f"dense-ΔW reference forward, {group}", layers * n_types, timings.median("dense"),
+             memory["lorta_dense"]["peak_mb"], memory["lorta_dense"]["delta_mb"], ratio, ">= 2",
+             verdict(ratio, ">=", 2.0)],
+        ]
     return [make_section(
         f"LoRTA: dense-ΔW reference forward vs foldtune — {work.shape} shape ({layers} layers, d {dim}, "
-        f"{heads} heads), Q,K,V,O, rank {work.rank}, B={work.batch}, L={work.length}",
-        ["forward", "median step (s)", "peak (MiB)", "step memory (MiB)", "dense / foldtune", "goal", "verdict"],
+        f"{heads} heads), rank {work.rank}, B={work.batch}, L={work.length}",
+        ["forward", "dense d×d updates / step", "median step (s)", "peak (MiB)", "step memory (MiB)",
+         "dense / foldtune", "goal", "verdict"],
         rows,
-        [f"dense-ΔW = every step builds all {layers}×4 dense d×d updates from the CP factors (H small matmuls + "
-         "cat each, as the reference `_compute_weights_from_tensor`), then adds x @ ΔWᵀ per adapted layer; "
-         "written in benchmarks/lorta_dense.py and checked equal to foldtune's output in tests/test_bench_smoke.py"],
+        ["dense-ΔW = every step builds all L×M dense d×d updates from the CP factors (H small matmuls + cat "
+         "each, as the reference `_compute_weights_from_tensor`), then adds x @ ΔWᵀ per adapted layer "
+         "(MLP: fc1/fc2 as four d×d slices each, M = 12); written in benchmarks/lorta_dense.py and checked "
+         "equal to foldtune's output and gradients in tests/test_bench_smoke.py"],
     )]
 
 
@@ -425,7 +432,7 @@ def workloads(gpu: bool, quick: bool, reduced: bool = False) -> dict[str, list[W
     }
 
 
-def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps", "dense", "merged"),
+def run(gpu: bool = False, quick: bool = False, only: tuple[str, ...] = ("steps", "ratios", "dense", "merged"),
         reduced: bool = False) -> list[Section]:
     plan = workloads(gpu, quick, reduced)
     # interleaved rounds per table; forwards are cheap and the merged goal is 1 %, so it gets many more

@@ -72,7 +72,7 @@ def gpu_placeholder(what: str) -> Section:
 
 
 def run_suite(name: str, gpu: bool, quick: bool, metrics_args: tuple[str, ...] = (),
-              adapter_tables: tuple[str, ...] = ("steps", "dense", "merged"), reduced: bool = False
+              adapter_tables: tuple[str, ...] = ("steps", "ratios", "dense", "merged"), reduced: bool = False
               ) -> list[Section]:
     if name == "adapters":
         from benchmarks import bench_adapters
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduced", action="store_true",
                         help="busy machine: CPU adapter tables at half the batch (B=4 / B=1) and 3 rounds")
     parser.add_argument("--adapter-tables", nargs="+", choices=("steps", "dense", "merged", "ratios"),
-                        default=["steps", "dense", "merged"], help="which adapter tables to run")
+                        default=["steps", "ratios", "dense", "merged"], help="which adapter tables to run")
     parser.add_argument("--merge-from", nargs="*", type=Path, default=[], metavar="MD",
                         help="copy the suite blocks of earlier outputs (e.g. suites run in parallel into "
                              "separate files) into --out before writing; suites run now take precedence")

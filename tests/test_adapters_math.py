@@ -370,6 +370,50 @@ def test_adapters_change_the_esmfold_prediction_from_zero_init():
     assert (pos2 - pos0).abs().max() > 1e-3
 
 
+# ----------------------------------------------------------------------------- fused add (addmm)
+
+def _outputs_and_grads(model: nn.Module, run) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    model.zero_grad()
+    outs = run(model)
+    sum(o.square().mean() for o in outs).backward()
+    names = set(adapters.adapter_parameter_names(model))
+    return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+
+
+@pytest.mark.parametrize("model_name", ["esm2", "esmfold"])
+@pytest.mark.parametrize("method", RANK_METHODS)
+def test_fused_addmm_path_equals_plain_add(method, model_name, monkeypatch):
+    """The hook's fused `addmm` (fp32) gives the same outputs and adapter gradients as base + delta(x)."""
+    if model_name == "esm2":
+        model = tiny_esm2()
+        adapters.attach(model, cfg(method))
+
+        def run(m):
+            return [esm_logits(m, esm_tokens())]
+    else:
+        model = tiny_esmfold()
+        adapters.attach(model, cfg(method, 3, ("attn", "mlp", "trimul"), part="all"))
+
+        def run(m):
+            s, z = trunk_inputs(m, length=6)
+            outs = [m.esm(esm_tokens(1, 8)).last_hidden_state]
+            for block in m.trunk.blocks:
+                s, z = block(s, z, mask=torch.ones(1, 6))
+                outs += [s, z]
+            return outs
+    randomize_adapters(model)
+    fused = [a for _, _, a in adapted_linears(model) if a.rank_space(torch.zeros(1, a.d_in)) is not None]
+    assert fused, "no adapter takes the fused path"
+    fused_out, fused_grads = _outputs_and_grads(model, run)
+    monkeypatch.setattr(type(fused[0]), "rank_space", lambda self, x: None)
+    plain_out, plain_grads = _outputs_and_grads(model, run)
+    for a, b in zip(fused_out, plain_out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 @pytest.mark.parametrize("method", RANK_METHODS)

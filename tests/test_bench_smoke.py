@@ -36,8 +36,9 @@ def _lorta_model(targets=("attn",)):
     return model.eval()
 
 
-def test_dense_reference_equals_foldtune_lorta_forward_and_grads():
-    model = _lorta_model()
+@pytest.mark.parametrize("targets,n_adapted", [(("attn",), 2 * 4), (("attn", "mlp"), 2 * 6)])
+def test_dense_reference_equals_foldtune_lorta_forward_and_grads(targets, n_adapted):
+    model = _lorta_model(targets)
     tokens, labels = ba.mlm_batch(model, 2, 16, seed=1)
 
     def loss_and_grads():
@@ -52,7 +53,9 @@ def test_dense_reference_equals_foldtune_lorta_forward_and_grads():
     dense = DenseDeltaLoRTA(model)
     with dense:
         reference, grads_d = loss_and_grads()
-    assert dense.n_adapted == 2 * 4  # tiny ESM-2: 2 layers × Q,K,V,O
+    assert dense.n_adapted == n_adapted  # tiny ESM-2: 2 layers × Q,K,V,O (+ fc1, fc2)
+    assert dense.calls == n_adapted  # every adapted Linear took the dense path, none the factorised one
+    assert len(dense.factors) == 1 and sum(len(u) for u in dense.updates.values()) == 0  # cleared on exit
     # the adapter must matter at this scale, otherwise equality says nothing
     with torch.no_grad():
         for p in (p for p in model.parameters() if p.requires_grad):
