@@ -126,14 +126,43 @@ def score_pair(
     align: str = "number",
 ) -> dict:
     """Read ``model_path`` (chain1, model1) and ``ref_path`` (chain2, model2) and :func:`score_chains` them."""
-    model = read_chain(model_path, chain=chain1, model=model1)
-    ref = read_chain(ref_path, chain=chain2, model=model2)
+    return _score_files(model_path, ref_path, chain1, chain2, model1, model2, align, read_chain)
+
+
+def _score_files(model_path, ref_path, chain1, chain2, model1: int, model2: int, align: str, read: Callable) -> dict:
+    """:func:`score_pair` with the chain reader as a parameter (``read(path, chain=, model=)``)."""
+    model = read(model_path, chain=chain1, model=model1)
+    ref = read(ref_path, chain=chain2, model=model2)
     try:
         return score_chains(model, ref, align=align)
     except ValueError as exc:
         if "no common residues" in str(exc):
             raise ValueError(f"{model_path} vs {ref_path}: residues: no common residues (align={align!r})") from exc
         raise
+
+
+def _cached_reader() -> Callable:
+    """A :func:`read_chain` that parses each (file, chain, model) once.
+
+    Batch tables score many models against a few references (every method's predictions against the same
+    natives), and parsing a PDB file with Biopython costs about as much as scoring the pair. The key holds
+    the resolved path and the file's mtime and size, so a file rewritten during the run is read again.
+    Chains are shared between rows: scoring only reads them.
+    """
+    cache: dict[tuple, ProteinChain] = {}
+
+    def read(path, chain: str | None = None, model: int = 1) -> ProteinChain:
+        try:
+            resolved = Path(path).resolve()
+            stat = resolved.stat()
+        except OSError:
+            return read_chain(path, chain=chain, model=model)  # raises read_chain's own error
+        key = (str(resolved), stat.st_mtime_ns, stat.st_size, chain, model)
+        if key not in cache:
+            cache[key] = read_chain(path, chain=chain, model=model)  # the path as given: messages name it
+        return cache[key]
+
+    return read
 
 
 def _progress(total: int, description: str):
@@ -174,8 +203,9 @@ def score_table(
 ):
     """Batch mode: score every row ``id,model,ref[,chain1,chain2]`` of ``pairs_csv`` into ``out_csv``.
 
-    Relative paths are resolved against the CSV's folder. The output (columns ``id`` + metric keys) is
-    written atomically; returns the DataFrame.
+    Relative paths are resolved against the CSV's folder; each structure file is parsed once per call
+    (:func:`_cached_reader`). The output (columns ``id`` + metric keys) is written atomically; returns the
+    DataFrame.
     """
     import pandas as pd
 
@@ -192,10 +222,11 @@ def score_table(
         p = Path(path)
         return p if p.is_absolute() else base / p
 
+    read = _cached_reader()  # for this call only: files may change between calls
+
     def score_row(row) -> dict:
-        result = score_pair(
-            resolve(row["model"]), resolve(row["ref"]), chain1=_cell(row, "chain1"), chain2=_cell(row, "chain2"),
-            align=align,
+        result = _score_files(
+            resolve(row["model"]), resolve(row["ref"]), _cell(row, "chain1"), _cell(row, "chain2"), 1, 1, align, read
         )
         return {"id": row["id"], **result}
 

@@ -80,3 +80,25 @@ def test_workflow_mode_scores_predictions_against_dataset(tmp_path):
     expected = scoring.score_pair(MODEL, TARGET)
     for key in scoring.METRIC_KEYS:
         assert table.loc[0, key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_batch_mode_parses_each_file_once(tmp_path, monkeypatch):
+    """A reference shared by many rows is read once per score_table call; scores equal score_pair's."""
+    calls = []
+    real_read = scoring.read_chain
+
+    def counting_read(path, chain=None, model=1):
+        calls.append((str(path), chain))
+        return real_read(path, chain=chain, model=model)
+
+    monkeypatch.setattr(scoring, "read_chain", counting_read)
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "model": [str(MODEL), str(TARGET), str(MODEL)],
+                  "ref": [str(TARGET)] * 3}).to_csv(pairs, index=False)
+    table = scoring.score_table(pairs, tmp_path / "scores.csv", show_progress=False)
+    assert sorted(calls) == sorted([(str(MODEL), None), (str(TARGET), None)])
+    monkeypatch.setattr(scoring, "read_chain", real_read)
+    for row, model in zip(table.itertuples(), [MODEL, TARGET, MODEL]):
+        expected = scoring.score_pair(model, TARGET)
+        for key in scoring.METRIC_KEYS:
+            assert getattr(row, key) == pytest.approx(expected[key], abs=1e-12), key
