@@ -351,7 +351,12 @@ def dense_sections(work: Workload, warmup: int, repeats: int, fresh_process: boo
         memory = {}
         for variant in (Variant("lorta", targets), Variant("lorta_dense", targets)):
             log(f"peak memory of {variant.label} on {work.shape} (fresh process)")
-            memory[variant.method] = measure_train_memory(work, variant, fresh_process=fresh_process)
+            try:
+                memory[variant.method] = measure_train_memory(work, variant, fresh_process=fresh_process)
+            except RuntimeError as error:  # a memory worker that dies (e.g. OOM) is a result, not a crash
+                reason = str(error).splitlines()[0].split(" (", 1)[0].replace("benchmarks.bench_adapters ", "")
+                log(f"{variant.label}: {reason}")
+                memory[variant.method] = {"peak_mb": f"failed: {reason}", "delta_mb": "n/a"}
         ratio = timings.ratio("dense", "foldtune")
         rows += [
             [f"foldtune LoRTA (factorised), {group}", layers * n_types, timings.median("foldtune"),

@@ -155,7 +155,8 @@ def run_worker(module: str, payload: dict, timeout: float = 1800) -> dict:
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{module} worker failed ({payload}):\n{proc.stderr[-3000:]}")
+        killed = " (killed by signal 9: out of memory?)" if proc.returncode == -9 else ""
+        raise RuntimeError(f"{module} worker exit {proc.returncode}{killed} ({payload}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
