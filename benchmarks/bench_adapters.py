@@ -29,6 +29,7 @@ from adapters.zoo import FAIR_ESM2
 from benchmarks.common import (
     Section,
     Timings,
+    WorkerFailed,
     bench_main,
     log,
     make_section,
@@ -335,11 +336,11 @@ def dense_sections(work: Workload, warmup: int, repeats: int, fresh_process: boo
     rows = []
     for targets in (("attn",), ("attn", "mlp")):
         group = "+".join(targets)
-        n_types = 4 if targets == ("attn",) else 12
         log(f"building LoRTA {group} on {work.shape} (dense reference shares the same model)")
         model = apply_variant(build_esm2(work.shape, work.seed), Variant("lorta", targets), work.rank)
         step = TrainStep(model, work)
         dense = DenseDeltaLoRTA(model)
+        n_types = len(dense.factors[0].types)  # M: 4 for Q,K,V,O, 12 with the MLP slices
 
         def dense_step() -> None:
             with dense:
@@ -353,10 +354,9 @@ def dense_sections(work: Workload, warmup: int, repeats: int, fresh_process: boo
             log(f"peak memory of {variant.label} on {work.shape} (fresh process)")
             try:
                 memory[variant.method] = measure_train_memory(work, variant, fresh_process=fresh_process)
-            except RuntimeError as error:  # a memory worker that dies (e.g. OOM) is a result, not a crash
-                reason = str(error).splitlines()[0].split(" (", 1)[0].replace("benchmarks.bench_adapters ", "")
-                log(f"{variant.label}: {reason}")
-                memory[variant.method] = {"peak_mb": f"failed: {reason}", "delta_mb": "n/a"}
+            except WorkerFailed as error:  # a memory worker that dies (e.g. OOM) is a result, not a crash
+                log(f"{variant.label}: {error.summary}")
+                memory[variant.method] = {"peak_mb": f"failed: {error.summary}", "delta_mb": "n/a"}
         ratio = timings.ratio("dense", "foldtune")
         rows += [
             [f"foldtune LoRTA (factorised), {group}", layers * n_types, timings.median("foldtune"),

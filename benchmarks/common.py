@@ -146,6 +146,16 @@ def step_memory(step, steps: int, device: str) -> dict:
     return {"peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb}
 
 
+class WorkerFailed(RuntimeError):
+    """A fresh-process measurement exited non-zero; ``summary`` is a short reason for a table cell."""
+
+    def __init__(self, module: str, payload: dict, returncode: int, stderr: str) -> None:
+        self.returncode = returncode
+        killed = " (killed by signal 9: out of memory?)" if returncode == -9 else ""
+        self.summary = f"worker exit {returncode}{killed}"
+        super().__init__(f"{module} {self.summary} ({payload}):\n{stderr[-3000:]}")
+
+
 def run_worker(module: str, payload: dict, timeout: float = 1800) -> dict:
     """Run `python -m <module> --worker '<json>'` in a fresh process and return the JSON it prints last."""
     env = dict(os.environ)
@@ -155,8 +165,7 @@ def run_worker(module: str, payload: dict, timeout: float = 1800) -> dict:
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode != 0:
-        killed = " (killed by signal 9: out of memory?)" if proc.returncode == -9 else ""
-        raise RuntimeError(f"{module} worker exit {proc.returncode}{killed} ({payload}):\n{proc.stderr[-3000:]}")
+        raise WorkerFailed(module, payload, proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

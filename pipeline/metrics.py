@@ -420,8 +420,9 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
 
     # Seeds: every window of every length; their sums come from prefix sums in O(1) each.
     prefix = np.concatenate([np.zeros_like(feats_t[:, :1]), feats_t.cumsum(1)], axis=1)  # (16, n + 1)
-    start = np.concatenate([np.arange(n - length + 1) for length in _seed_lengths(n)])
-    length = np.concatenate([np.full(n - length + 1, length) for length in _seed_lengths(n)])
+    seed_lengths = _seed_lengths(n)
+    start = np.concatenate([np.arange(n - length + 1) for length in seed_lengths])
+    length = np.concatenate([np.full(n - length + 1, length) for length in seed_lengths])
     sums = prefix[:, start + length] - prefix[:, start]  # (16, C)
     packed = None  # pair sets of the candidates, 8 per byte (none for the seeds: no convergence test at step 0)
 
