@@ -5,6 +5,8 @@
     adapters.attach(model, cfg)            # in place: freezes the base, adds adapters
     adapters.count_trainable(model); adapters.merge(model); adapters.unmerge(model)
     adapters.save(model, "run/adapter"); adapters.load(fresh_model, "run/adapter")
+    adapters.detach(model)                 # the base again: attach / load another adapter on it
+    adapters.save_peft(model, "out/peft"); adapters.load(fresh_model, "out/peft")   # peft's LoRA format
 
 See docs/adapters.md.
 """
@@ -14,6 +16,7 @@ from adapters.core import (
     adapter_parameter_names,
     attach,
     attached,
+    detach,
     count_for,
     count_total,
     count_trainable,
@@ -23,6 +26,8 @@ from adapters.core import (
 from adapters.full import FullConfig, NoneConfig
 from adapters.lora import LoRAConfig
 from adapters.lorta import LoRTAConfig
+from adapters.peft_interop import load_peft, save_peft
+from adapters.provenance import fingerprint
 from adapters.saving import CONFIG_NAME, WEIGHTS_NAME, load, read_config, save
 from adapters.spec import ModelSpec, Site, Stack, register_spec, spec_for
 from adapters.tlora import TLoRAConfig
@@ -30,7 +35,7 @@ from adapters.tlora import TLoRAConfig
 __all__ = [
     "AdapterConfig", "RankConfig", "LoRAConfig", "LoRTAConfig", "TLoRAConfig", "FullConfig", "NoneConfig",
     "Method", "METHODS", "register_method", "get_method", "config_from_dict",
-    "attach", "attached", "count_trainable", "count_total", "count_for", "merge", "unmerge",
+    "attach", "attached", "detach", "save_peft", "load_peft", "fingerprint", "count_trainable", "count_total", "count_for", "merge", "unmerge",
     "adapter_parameter_names", "save", "load", "read_config", "CONFIG_NAME", "WEIGHTS_NAME",
     "ModelSpec", "Stack", "Site", "register_spec", "spec_for",
 ]

@@ -74,6 +74,8 @@ class Method:
     count: Callable[["nn.Module", "ModelSpec", AdapterConfig], dict[str, int]]  # per stack (or part)
     docs: str = ""
     adds_params: bool = True  # False for full/none: they train existing parameters
+    # removes what `attach` added besides the per-Linear adapters (e.g. LoRTA's shared factors); None = nothing
+    detach: Callable[["nn.Module", "ModelSpec", AdapterConfig], None] | None = None
 
 
 METHODS: dict[str, Method] = {}

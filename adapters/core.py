@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from adapters.config import AdapterConfig, RankConfig, get_method
-from adapters.layer import AdapterModule, adapted_linears
+from adapters.layer import AdapterModule, adapted_linears, uninstall
+from adapters.provenance import fingerprint
 from adapters.spec import ModelSpec, roles_for, spec_for, validate_spec
 
 STATE_ATTR = "foldtune_adapter"
@@ -20,30 +22,64 @@ class AttachState:
 
     config: AdapterConfig
     spec: ModelSpec
+    base: dict[str, Any] = field(default_factory=dict)      # {"source": ..., "fingerprint": ...} of the base
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # before attach, restored by detach
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # base values `load` overwrote (keep_base)
 
 
 def attached(model: nn.Module) -> AttachState | None:
     return model.__dict__.get(STATE_ATTR)
 
 
-def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def attach(model: nn.Module, config: AdapterConfig, base_source: Any = None) -> nn.Module:
     """Freeze the base model and add the adapters of `config`, in place; returns `model`.
 
-    Works on the meta device (no weights are touched). Raises ValueError if adapters are already attached
-    or the model has no spec / not the requested part.
+    Records the base (`base_source`: where it came from, any JSON value; and a fingerprint of its weights,
+    see adapters.provenance) so `adapters.save` can write it. Works on the meta device (no weights are
+    touched). Raises ValueError if adapters are already attached or the model has no spec / not the part.
     """
     if attached(model) is not None:
         raise ValueError(f"model already has adapters attached (method {attached(model).config.method}); "
-                         f"build a fresh model to attach another")
+                         f"call adapters.detach first (or build a fresh model)")
     method = get_method(config.method)
     if not isinstance(config, method.config_cls):
         raise TypeError(f"config: {type(config).__name__} is not a {method.config_cls.__name__}")
     spec = spec_for(model)
     validate_spec(model, spec)
     spec.stacks_for(config.part)  # validates part
+    base = {"source": base_source, "fingerprint": fingerprint(model)}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     method.attach(model, spec, config)
-    model.__dict__[STATE_ATTR] = AttachState(config, spec)
+    model.__dict__[STATE_ATTR] = AttachState(config, spec, base, requires_grad)
+    return model
+
+
+def detach(model: nn.Module, keep_merged: bool = False) -> nn.Module:
+    """Remove the attached adapters, in place, leaving the base model as it was before `attach`.
+
+    Merged adapters are unmerged first (unless `keep_merged`: the weights keep the merged update, as for an
+    export of the merged model); base values `adapters.load(..., keep_base=True)` overwrote (trained
+    heads, method=full weights) are put back; requires_grad flags are restored. Parameter names are those
+    of the base again, so another adapter can be attached (many adapters, one base).
+    """
+    state = attached(model)
+    if state is None:
+        raise ValueError("model has no adapters attached")
+    if not keep_merged:
+        unmerge(model)
+    for _, linear, _ in adapted_linears(model):
+        uninstall(linear)
+    method = get_method(state.config.method)
+    if method.detach is not None:
+        method.detach(model, state.spec, state.config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.replaced.items():
+            params[name].copy_(value)
+    for name, flag in state.requires_grad.items():
+        params[name].requires_grad_(flag)
+    del model.__dict__[STATE_ATTR]
     return model
 
 

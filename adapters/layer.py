@@ -119,7 +119,14 @@ def install(linear: nn.Linear, adapter: LinearAdapter) -> None:
     if ADAPTER_ATTR in linear._modules:
         raise ValueError(f"{type(linear).__name__} already has an adapter attached")
     linear.add_module(ADAPTER_ATTR, adapter)
-    linear.register_forward_hook(_add_adapter_output)
+    adapter.__dict__["hook"] = linear.register_forward_hook(_add_adapter_output)  # not a submodule
+
+
+def uninstall(linear: nn.Linear) -> LinearAdapter:
+    """Undo `install`: remove the hook and the `linear.adapter` child; returns the removed adapter."""
+    adapter = linear._modules.pop(ADAPTER_ATTR)
+    adapter.__dict__.pop("hook").remove()
+    return adapter
 
 
 def adapted_linears(model: nn.Module) -> list[tuple[str, nn.Linear, LinearAdapter]]:

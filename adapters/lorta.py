@@ -185,6 +185,12 @@ def _attach(model: nn.Module, spec: ModelSpec, config: LoRTAConfig) -> None:
                                         config.scaling, config.dropout, linear.in_features, linear.out_features))
 
 
+def _detach(model: nn.Module, spec: ModelSpec, config: LoRTAConfig) -> None:
+    for stack in spec.stacks_for(config.part):
+        root = model.get_submodule(stack.root) if stack.root else model
+        root._modules.pop(FACTORS_ATTR, None)
+
+
 def stack_count(stack: Stack, config: LoRTAConfig) -> int:
     """r * (d + d_h + H + L + M); 0 when no site of the stack is selected."""
     roles = roles_for(config.targets)
@@ -197,4 +203,4 @@ def _count(model: nn.Module, spec: ModelSpec, config: LoRTAConfig) -> dict[str, 
     return {stack.name: stack_count(stack, config) for stack in spec.stacks_for(config.part)}
 
 
-METHOD = register_method(Method("lorta", LoRTAConfig, _attach, _count, "one CP tensor per stack"))
+METHOD = register_method(Method("lorta", LoRTAConfig, _attach, _count, "one CP tensor per stack", detach=_detach))

@@ -126,19 +126,93 @@ def load_base_model(cfg: dict):
     return model
 
 
-def load_run_model(run_dir: str | Path, merged: bool = False):
+def load_run_model(run_dir: str | Path, merged: bool = False, force: bool = False):
     """Rebuild a run's base model from RUN/config.yaml and load RUN/adapter (+ trained heads)."""
-    from pipeline.train import load_trained
-
     run_dir = Path(run_dir)
     cfg = _read_run_config(run_dir)
     model = load_base_model(cfg)
-    adapter_cfg = load_trained(model, run_dir / "adapter")
-    if merged and adapter_cfg["method"] not in ("none", "full"):
-        import adapters
-
-        adapters.merge(model)
+    load_run_adapter(model, run_dir, cfg, merged=merged, force=force)
     return model.eval()
+
+
+def load_run_adapter(model, run_dir: Path, cfg: dict, merged: bool = False, force: bool = False,
+                     keep_base: bool = False) -> dict:
+    """Check RUN/adapter against RUN/config.yaml and load it into `model` (a base without adapters).
+
+    Refuses an adapter whose method / part / rank / alpha / targets differ from the run's config, NaN/inf
+    weights, and (unless `force`) an adapter recorded on another base. `keep_base`: `adapters.detach`
+    can then restore the base (many runs on one base). Returns the adapter config.
+    """
+    import adapters
+    from pipeline.train import base_source, load_trained
+
+    adapter_dir = run_dir / "adapter"
+    check_adapter_matches_run(adapter_dir, cfg, run_dir / "config.yaml")
+    adapter_cfg = load_trained(model, adapter_dir, base=base_source(cfg["model"], cfg.get("kind", "fold")),
+                               force=force, keep_base=keep_base)
+    if merged and adapter_cfg["method"] not in ("none", "full"):
+        adapters.merge(model)
+    return adapter_cfg
+
+
+def check_adapter_matches_run(adapter_dir: Path, cfg: dict, config_file: Path) -> None:
+    """ValueError naming both files when RUN/adapter was not trained with RUN/config.yaml's adapter section."""
+    import adapters
+
+    saved = adapters.read_config(adapter_dir)
+    if "peft_type" in saved and "method" not in saved:
+        return  # an imported peft adapter: its config was derived from the file itself
+    wanted = cfg.get("adapter") or {}
+    keys = ["method", "part"]
+    if saved["method"] not in ("full", "none"):
+        keys += ["rank", "alpha", "targets"]
+    for key in keys:
+        have, want = saved.get(key), wanted.get(key)
+        if key == "targets":
+            have, want = sorted(have or []), sorted(want or [])
+        elif key == "alpha" and have is not None and want is not None:
+            have, want = float(have), float(want)
+        if have != want:
+            raise ValueError(f"{adapter_dir / adapters.CONFIG_NAME}: {key}: {saved.get(key)!r}, but {config_file} "
+                             f"says adapter.{key}={wanted.get(key)!r}; this adapter does not belong to the run")
+
+
+def base_key(cfg: dict) -> str:
+    """Runs with equal keys build the same base model (train_heads only changes what is trained)."""
+    import json
+
+    from pipeline.train import base_source
+
+    return json.dumps(base_source(cfg["model"], cfg.get("kind", "fold")), sort_keys=True)
+
+
+def predict_runs(run_dirs: Sequence[str | Path], targets: Sequence[Target], out_dirs: Sequence[str | Path],
+                 device: str = "cpu", merged: bool = False, force: bool = False,
+                 log: Callable[[str], None] = print, **fold_options) -> list[pd.DataFrame]:
+    """Predict `targets` with several runs, building each distinct base once and switching adapters on it.
+
+    Runs are grouped by `base_key`; in a group the base is built and moved to `device` once, then for each
+    run its adapter is attached and loaded (keep_base), the targets folded into its out dir, and the adapter
+    detached again, which restores every base value the run overwrote (trained heads, method=full weights).
+    Returns one predictions table per run, in the order given.
+    """
+    import adapters
+
+    configs = [_read_run_config(Path(run)) for run in run_dirs]
+    groups: dict[str, list[int]] = {}
+    for index, cfg in enumerate(configs):
+        groups.setdefault(base_key(cfg), []).append(index)
+    tables: dict[int, pd.DataFrame] = {}
+    for members in groups.values():
+        model = load_base_model(configs[members[0]]).eval().to(device)
+        for index in members:
+            run_dir = Path(run_dirs[index])
+            load_run_adapter(model, run_dir, configs[index], merged=merged, force=force, keep_base=True)
+            tables[index] = predict_targets(model.eval(), targets, out_dirs[index], **fold_options)
+            adapters.detach(model)
+            log(f"predict: {run_dir} -> {out_dirs[index]} ({len(targets)} chains)")
+        del model
+    return [tables[i] for i in range(len(run_dirs))]
 
 
 # --------------------------------------------------------------------------------- folding

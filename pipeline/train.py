@@ -120,12 +120,28 @@ def _adapter_dict(adapter_cfg: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in adapter_cfg.items()}
 
 
-def attach_method(model: torch.nn.Module, adapter_cfg: dict, train_heads: bool = False) -> None:
+def base_source(model_cfg: dict, kind: str = "fold") -> dict:
+    """Where a run's base comes from, as recorded in its adapter: the `model:` keys that build it."""
+    keep = {k: v for k, v in model_cfg.items() if k != "train_heads" and v not in (None, {}, [], "")}
+    if keep.get("base_run"):
+        keep["base_run"] = str(Path(keep["base_run"]).resolve())
+    return {"kind": kind, **keep}
+
+
+def attach_method(model: torch.nn.Module, adapter_cfg: dict, train_heads: bool = False, seed: int = 0,
+                  base: dict | None = None) -> None:
     """Attach the configured method (adapters.attach freezes the base first); optionally unfreeze the
-    folding heads + structure module, which `adapters.save` then stores next to the adapter."""
+    folding heads + structure module, which `adapters.save` then stores next to the adapter.
+
+    TLoRA's frozen random matrices are drawn from `seed` (the run's trainer.seed, recorded in the adapter
+    config), so every seed of a grid gets its own projections. `base`: recorded as the adapter's base source.
+    """
     import adapters
 
-    adapters.attach(model, adapters.config_from_dict(_adapter_dict(adapter_cfg)))
+    adapter = _adapter_dict(adapter_cfg)
+    if adapter["method"] == "tlora":
+        adapter.setdefault("seed", int(seed))
+    adapters.attach(model, adapters.config_from_dict(adapter), base_source=base)
     if train_heads and adapter_cfg["method"] != "none":  # `none` is the untouched base: nothing trains
         from pipeline.models import head_parameters
 
@@ -140,12 +156,15 @@ def save_trained(model: torch.nn.Module, out_dir: str | os.PathLike) -> None:
     adapters.save(model, out_dir)
 
 
-def load_trained(model: torch.nn.Module, adapter_dir: str | os.PathLike) -> dict:
-    """Attach + load a run's adapter directory into a freshly built base; returns the adapter config."""
+def load_trained(model: torch.nn.Module, adapter_dir: str | os.PathLike, base: dict | None = None,
+                 force: bool = False, keep_base: bool = False) -> dict:
+    """Attach + load a run's adapter directory into a freshly built base; returns the adapter config.
+
+    `base`: this model's base source (named if the adapter's recorded base differs; `force` loads anyway)."""
     import adapters
 
     adapter_dir = Path(adapter_dir)
-    adapters.load(model, adapter_dir)
+    adapters.load(model, adapter_dir, base_source=base, force=force, keep_base=keep_base)
     return adapters.read_config(adapter_dir)
 
 
@@ -462,7 +481,8 @@ def _build(cfg: dict) -> tuple[torch.nn.Module, set[str]]:
     if cfg["model"]["base_run"]:
         load_base_run(model, cfg["model"]["base_run"])
     base_names = set(model.state_dict())
-    attach_method(model, cfg["adapter"], cfg["model"]["train_heads"])
+    attach_method(model, cfg["adapter"], cfg["model"]["train_heads"], seed=cfg["trainer"]["seed"],
+                  base=base_source(cfg["model"], cfg["kind"]))
     if cfg["kind"] == "fold":
         model.set_grad_checkpointing(cfg["trainer"]["grad_checkpointing"])
     return model, base_names

@@ -10,7 +10,9 @@ HELP = "fold sequences / a dataset split with a (fine-tuned) model; writes PDBs 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", help="training run directory (RUN/config.yaml + RUN/adapter/)")
+    model.add_argument("--run", nargs="+", metavar="RUN",
+                       help="training run directory (RUN/config.yaml + RUN/adapter/); several runs on one base "
+                            "build the base once and switch adapters (--out then holds {run}, or gets RUN names)")
     model.add_argument("--base-config", help="training config: fold with its untuned base model")
     model.add_argument("--baseline", choices=["ideal-helix"], help="no model: a structure baseline")
     parser.add_argument("--section", help="with --base-config: top-level key holding the training config")
@@ -19,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--fasta", help="FASTA file of single chains (numbered 1..L)")
     parser.add_argument("--splits", help="splits CSV (with --split)")
     parser.add_argument("--split", help="fold only the chains of this split")
-    parser.add_argument("--out", required=True, help="output directory for <chain_id>.pdb + predictions.csv")
+    parser.add_argument("--out", required=True,
+                        help="output directory for <chain_id>.pdb + predictions.csv; with several runs a template "
+                             "with {run} (the run directory's name), else OUT/<run name>")
     parser.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
+    parser.add_argument("--force", action="store_true",
+                        help="load an adapter even if it was recorded on another base (fingerprint differs)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch (B x Lmax)")
     parser.add_argument("--chunk-size", type=int, help="chunk the trunk's axial attention (long chains)")
     parser.add_argument("--num-recycles", type=int, help="default: the model's max_recycles")
@@ -28,9 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def run_out_dirs(runs: list[str], out: str) -> list[str]:
+    """One output directory per run: `out` itself for one run, `out` with {run} filled in, or out/<name>."""
+    from pathlib import Path
+
+    names = [Path(run).resolve().name for run in runs]
+    if "{run}" in out:
+        outs = [out.replace("{run}", name) for name in names]
+    elif len(runs) == 1:
+        outs = [out]
+    else:
+        outs = [str(Path(out) / name) for name in names]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"--out: {out}: several runs would write the same directory (runs with one name?)")
+    return outs
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
+    import pandas as pd
     import torch
 
     from pipeline import predict
@@ -48,20 +71,25 @@ def run(args: argparse.Namespace) -> int:
         if args.baseline:
             table = predict.predict_baseline(targets, args.out)
         else:
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
             if args.run:
-                model = predict.load_run_model(args.run, merged=args.merged)
+                outs = run_out_dirs(args.run, args.out)
+                tables = predict.predict_runs(args.run, targets, outs, device=device, merged=args.merged,
+                                              force=args.force, max_tokens=args.max_tokens,
+                                              chunk_size=args.chunk_size, num_recycles=args.num_recycles,
+                                              progress=not args.no_progress)
+                table = pd.concat(tables, ignore_index=True)
             else:
                 from pipeline.config import load_config
 
                 model = predict.load_base_model(load_config(args.base_config, section=args.section)).eval()
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-            model.to(device)
-            table = predict.predict_targets(model, targets, args.out, max_tokens=args.max_tokens,
-                                            chunk_size=args.chunk_size, num_recycles=args.num_recycles,
-                                            progress=not args.no_progress)
+                model.to(device)
+                table = predict.predict_targets(model, targets, args.out, max_tokens=args.max_tokens,
+                                                chunk_size=args.chunk_size, num_recycles=args.num_recycles,
+                                                progress=not args.no_progress)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"foldtune predict: {exc}", file=sys.stderr)
         return 2
-    print(f"predict: {len(table)} chains, mean pLDDT {table['mean_plddt'].mean():.1f} -> {args.out} "
+    print(f"predict: {len(table)} predictions, mean pLDDT {table['mean_plddt'].mean():.1f} -> {args.out} "
           f"({time.perf_counter() - started:.1f} s)")
     return 0
