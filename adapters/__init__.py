@@ -35,7 +35,8 @@ from adapters.tlora import TLoRAConfig
 __all__ = [
     "AdapterConfig", "RankConfig", "LoRAConfig", "LoRTAConfig", "TLoRAConfig", "FullConfig", "NoneConfig",
     "Method", "METHODS", "register_method", "get_method", "config_from_dict",
-    "attach", "attached", "detach", "save_peft", "load_peft", "fingerprint", "count_trainable", "count_total", "count_for", "merge", "unmerge",
+    "attach", "attached", "detach", "count_trainable", "count_total", "count_for", "merge", "unmerge",
+    "save_peft", "load_peft", "fingerprint",
     "adapter_parameter_names", "save", "load", "read_config", "CONFIG_NAME", "WEIGHTS_NAME",
     "ModelSpec", "Stack", "Site", "register_spec", "spec_for",
 ]

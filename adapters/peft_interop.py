@@ -158,8 +158,10 @@ def read_peft_config(directory: Path) -> dict[str, Any]:
     if data.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type: {data.get('peft_type')!r}: only LORA adapters convert to foldtune")
     for key, plain in _PLAIN_LORA.items():
-        if data.get(key, plain) not in (plain, None, {}, False) or (key == "bias" and data.get(key, "none") != "none"):
-            raise ValueError(f"{file}: {key}: {data[key]!r} has no foldtune equivalent (plain LoRA only)")
+        value = data.get(key, plain)
+        unset = value is None or (isinstance(value, (dict, list)) and not value)
+        if not unset and value != plain:
+            raise ValueError(f"{file}: {key}: {value!r} has no foldtune equivalent (plain LoRA only)")
     if data.get("exclude_modules"):
         raise ValueError(f"{file}: exclude_modules: not supported on import")
     return data
