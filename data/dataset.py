@@ -1,10 +1,7 @@
-"""The dataset directory written by ``foldtune prepare`` and the torch datasets / samplers that read it.
+"""Torch datasets and samplers over a dataset directory written by ``foldtune prepare``.
 
-Layout (docs/design.md)::
-
-    DATASET/manifest.csv        chain_id,pdb_id,chain,length,sequence,method,resolution,release_date,source_file,npz
-    DATASET/chains/<chain_id>.npz
-    DATASET/errors.csv          file,chain,stage,reason
+The directory's files (manifest.csv, chains/*.npz, errors.csv) are read and written by ``data.chains``, which
+needs no torch; its functions are re-exported here for callers that already import torch.
 """
 
 from __future__ import annotations
@@ -14,102 +11,39 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from data.io import atomic_path
+from data.chains import (DATASET_FORMAT, ERROR_COLUMNS, MANIFEST_COLUMNS, chain_path, load_chain,  # noqa: F401
+                         manifest_row, read_manifest, save_chain)
 from data.structure import ProteinChain
 
-MANIFEST_COLUMNS = ["chain_id", "pdb_id", "chain", "length", "sequence", "method", "resolution",
-                    "release_date", "source_file", "npz"]
-ERROR_COLUMNS = ["file", "chain", "stage", "reason"]
-_NPZ_ARRAYS = ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "b_factors")
-_NPZ_TEXT = ("sequence", "pdb_id", "chain", "method", "release_date", "source_file")
-
-
-# ------------------------------------------------------------------------------------------- chain files
-def save_chain(chain: ProteinChain, path: str | os.PathLike) -> None:
-    """Write one chain as an uncompressed ``.npz`` (atomic). Text fields are 0-d str arrays."""
-    payload = {key: getattr(chain, key) for key in _NPZ_ARRAYS}
-    payload["insertion_code"] = np.asarray(chain.insertion_code, dtype="<U1")
-    for key in _NPZ_TEXT:
-        payload[key] = np.array(getattr(chain, key) or "")
-    payload["model"] = np.array(chain.model, dtype=np.int64)
-    payload["resolution"] = np.array(np.nan if chain.resolution is None else chain.resolution, dtype=np.float64)
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **payload)
-
-
-def load_chain(npz_path: str | os.PathLike) -> ProteinChain:
-    """Inverse of ``save_chain``; the keys of docs/design.md are required, the rest optional."""
-    npz_path = Path(npz_path)
-    try:
-        with np.load(npz_path, allow_pickle=False) as npz:
-            data = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{npz_path}: npz: unreadable ({exc})") from exc
-    for key in ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "sequence"):
-        if key not in data:
-            raise ValueError(f"{npz_path}: {key}: missing from chain file")
-    length = len(data["aatype"])
-
-    def text(key: str) -> str | None:
-        return str(data[key]) or None if key in data else None
-
-    resolution = float(data["resolution"]) if "resolution" in data else float("nan")
-    stem_pdb, _, stem_chain = npz_path.stem.rpartition("_")
-    return ProteinChain(
-        pdb_id=text("pdb_id") or stem_pdb.upper(),
-        chain=str(data["chain"]) if "chain" in data else stem_chain,
-        model=int(data["model"]) if "model" in data else 1,
-        sequence=str(data["sequence"]),
-        aatype=data["aatype"].astype(np.int64),
-        residue_index=data["residue_index"].astype(np.int64),
-        insertion_code=data["insertion_code"].astype("<U1"),
-        atom37_positions=data["atom37_positions"].astype(np.float32),
-        atom37_mask=data["atom37_mask"].astype(np.float32),
-        b_factors=data["b_factors"].astype(np.float32) if "b_factors" in data else np.zeros((length, 37), np.float32),
-        method=text("method"),
-        resolution=None if np.isnan(resolution) else resolution,
-        release_date=text("release_date"),
-        source_file=text("source_file") or "",
-    )
-
-
-def read_manifest(dataset_dir: str | os.PathLike) -> pd.DataFrame:
-    """``manifest.csv`` with string chain ids kept as written ("" for a blank chain, "NA" stays "NA")."""
-    path = Path(dataset_dir) / "manifest.csv"
-    if not path.is_file():
-        raise ValueError(f"{path}: manifest: not found (run `foldtune prepare` first)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: columns: missing {missing}")
-    frame["length"] = frame["length"].astype(int)
-    frame["resolution"] = pd.to_numeric(frame["resolution"].replace("", np.nan))
-    return frame
-
-
-def chain_path(dataset_dir: str | os.PathLike, chain_id: str) -> Path:
-    return Path(dataset_dir) / "chains" / f"{chain_id}.npz"
-
-
 # ------------------------------------------------------------------------------------------- crops
-def crop_start(length: int, crop_size: int | None, seed: int, epoch: int, index: int) -> int:
-    """Start of the contiguous crop of item ``index`` in ``epoch``: uniform over valid starts, fixed by the seed."""
+def crop_start(length: int, crop_size: int | None, seed: int, epoch: int, index: int,
+               observed: np.ndarray | None = None) -> int:
+    """Start of the contiguous crop of item ``index`` in ``epoch``, fixed by the seed: uniform over the starts
+    whose window holds at least one observed position (every start when ``observed`` (length,) is None)."""
     if crop_size is None or length <= crop_size:
         return 0
+    starts = np.arange(length - crop_size + 1)
+    if observed is not None:
+        seen = np.concatenate([[0], np.cumsum(np.asarray(observed, dtype=np.int64))])
+        starts = starts[seen[starts + crop_size] - seen[starts] > 0]
+        if starts.size == 0:
+            raise ValueError(f"item {index}: no crop of {crop_size} holds an observed residue")
     rng = np.random.default_rng([seed, epoch, index])
-    return int(rng.integers(0, length - crop_size + 1))
+    return int(starts[rng.integers(0, len(starts))])
 
 
 class FoldingDataset(torch.utils.data.Dataset):
     """Cropped chains of a prepared dataset for structure training.
 
-    Item ``i`` (a dict): ``aatype (L,) long``, ``residue_index (L,) long``, ``mask (L,) float`` (ones),
-    ``atom37_positions (L, 37, 3) float``, ``atom37_mask (L, 37) float``, ``chain_id`` str, ``sequence`` str,
-    ``crop_start`` int; L = min(length, crop_size). The crop depends only on (seed, epoch, i): call
-    ``set_epoch(e)`` each epoch (as with DistributedSampler) to get new crops.
+    Item ``i`` (a dict): ``aatype (L,) long``, ``residue_index (L,) long`` (deposited-sequence index),
+    ``mask (L,) float`` (ones: every position of the crop is a residue the model sees), ``observed (L,) float``
+    (1 = the position has coordinates), ``atom37_positions (L, 37, 3) float``, ``atom37_mask (L, 37) float``
+    (zero where unobserved, so the losses ignore those positions), ``chain_id`` str, ``sequence`` str,
+    ``crop_start`` int; L = min(length, crop_size). Crops are windows of the full sequence that hold at least
+    one observed position. The crop depends only on (seed, epoch, i): call ``set_epoch(e)`` each epoch (as
+    with DistributedSampler) to get new crops.
     """
 
     def __init__(self, dataset_dir: str | os.PathLike, chain_ids: Sequence[str] | None = None,
@@ -152,7 +86,7 @@ class FoldingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         chain = self.chain(index)
-        start = crop_start(len(chain), self.crop_size, self.seed, self.epoch, index)
+        start = crop_start(len(chain), self.crop_size, self.seed, self.epoch, index, observed=chain.observed)
         stop = start + (self.crop_size or len(chain))
         window = slice(start, min(stop, len(chain)))
         length = window.stop - window.start
@@ -160,6 +94,7 @@ class FoldingDataset(torch.utils.data.Dataset):
             "aatype": torch.from_numpy(chain.aatype[window].copy()),
             "residue_index": torch.from_numpy(chain.residue_index[window].copy()),
             "mask": torch.ones(length, dtype=torch.float32),
+            "observed": torch.from_numpy(chain.observed[window].astype(np.float32)),
             "atom37_positions": torch.from_numpy(chain.atom37_positions[window].copy()),
             "atom37_mask": torch.from_numpy(chain.atom37_mask[window].copy()),
             "chain_id": self.chain_ids[index],
@@ -170,7 +105,7 @@ class FoldingDataset(torch.utils.data.Dataset):
 
 def collate(items: Sequence[dict]) -> dict:
     """Pad a list of ``FoldingDataset`` items to the longest: ``aatype (B,L) long`` (pad 20 = X, masked),
-    ``residue_index (B,L) long`` (pad 0), ``mask (B,L) float`` (1 = real residue),
+    ``residue_index (B,L) long`` (pad 0), ``mask (B,L) float`` (1 = real residue), ``observed (B,L) float``,
     ``atom37_positions (B,L,37,3) float``, ``atom37_mask (B,L,37) float``, ``chain_id`` list[str]."""
     if not items:
         raise ValueError("collate: empty batch")
@@ -179,13 +114,17 @@ def collate(items: Sequence[dict]) -> dict:
         "aatype": torch.full((batch, width), 20, dtype=torch.long),
         "residue_index": torch.zeros((batch, width), dtype=torch.long),
         "mask": torch.zeros((batch, width), dtype=torch.float32),
+        "observed": torch.zeros((batch, width), dtype=torch.float32),
         "atom37_positions": torch.zeros((batch, width, 37, 3), dtype=torch.float32),
         "atom37_mask": torch.zeros((batch, width, 37), dtype=torch.float32),
     }
     for row, item in enumerate(items):
         n = len(item["aatype"])
         for key in out:
-            out[key][row, :n] = torch.as_tensor(item[key])
+            if key in item:  # items built elsewhere may lack "observed": then every position counts
+                out[key][row, :n] = torch.as_tensor(item[key])
+            elif key == "observed":
+                out[key][row, :n] = 1.0
     out["chain_id"] = [item["chain_id"] for item in items]
     return out
 

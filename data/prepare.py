@@ -1,4 +1,10 @@
-"""Structure files -> dataset directory (manifest.csv, chains/<chain_id>.npz, errors.csv). Used by ``foldtune prepare``."""
+"""Structure files -> dataset directory (manifest.csv, chains/<chain_id>.npz, errors.csv). Used by ``foldtune prepare``.
+
+Chains are full length (``data.structure``); the length filters apply to the full length. A chain whose
+deposited sequence could not be reconciled with its observed residues is still written (observed residues
+only, ``sequence_source`` "observed") and gets a ``stage="sequence"`` warning row in errors.csv.
+Needs no torch.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from data.dataset import ERROR_COLUMNS, MANIFEST_COLUMNS, save_chain
+from data.chains import ERROR_COLUMNS, MANIFEST_COLUMNS, manifest_row, save_chain
 from data.io import atomic_path
 from data.structure import ProteinChain, read_chains
 
@@ -25,7 +31,7 @@ class ChainFilters:
     max_resolution: float | None = None  # Å; chains without a resolution (NMR, predicted) pass
 
     def reason(self, chain: ProteinChain) -> str | None:
-        """Why ``chain`` is rejected, or None."""
+        """Why ``chain`` is rejected, or None. Lengths are full (deposited) lengths."""
         if len(chain) < self.min_len:
             return f"length {len(chain)} < min_len {self.min_len}"
         if self.max_len is not None and len(chain) > self.max_len:
@@ -41,6 +47,7 @@ class ChainFilters:
 class PrepareSummary:
     chains_written: int = 0
     chains_rejected: int = 0
+    chains_unreconciled: int = 0  # written with observed residues only: deposited sequence did not match
     files_read: int = 0
     files_rejected: int = 0
     seconds: float = 0.0
@@ -48,7 +55,8 @@ class PrepareSummary:
 
     def line(self) -> str:
         return (f"prepare: {self.chains_written} chains written from {self.files_read} files; "
-                f"{self.files_rejected} files rejected, {self.chains_rejected} chains filtered; {self.seconds:.1f} s")
+                f"{self.files_rejected} files rejected, {self.chains_rejected} chains filtered, "
+                f"{self.chains_unreconciled} with an unreconciled deposited sequence (observed residues only); {self.seconds:.1f} s")
 
 
 def is_structure_name(path: Path) -> bool:
@@ -154,12 +162,11 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                 npz = Path("chains") / f"{chain.chain_id}.npz"
                 save_chain(chain, out_dir / npz)
                 written[chain.chain_id] = str(path)
-                rows.append({
-                    "chain_id": chain.chain_id, "pdb_id": chain.pdb_id, "chain": chain.chain, "length": len(chain),
-                    "sequence": chain.sequence, "method": chain.method or "",
-                    "resolution": "" if chain.resolution is None else chain.resolution,
-                    "release_date": chain.release_date or "", "source_file": str(path), "npz": str(npz),
-                })
+                rows.append(manifest_row(chain, path, npz))
+                if chain.unreconciled:
+                    summary.chains_unreconciled += 1
+                    reject(path, chain.chain, "sequence", f"{path}: chain {chain.chain or '_'}: "
+                           f"{chain.sequence_note}; written with its {chain.n_observed} observed residues only")
     summary.chains_written = len(rows)
     with atomic_path(out_dir / "manifest.csv") as tmp:
         pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp, index=False)

@@ -9,8 +9,14 @@ Cleaning rules (issue 3):
   with an N-CA-C backbone become ``X`` (backbone + CB kept);
 - hydrogens, waters, ligands and nucleic-acid residues are dropped; a chain with no amino acid left is not a
   protein chain;
-- a residue counts only if it has a CA atom (the MANIFEST ``n_residues`` convention); missing atoms and chain
-  breaks stay visible through ``atom37_mask`` and ``residue_index``; insertion codes are kept in file order.
+- a residue is observed only if it has a CA atom (the MANIFEST ``n_residues`` convention); missing atoms stay
+  visible through ``atom37_mask``; insertion codes are kept in file order.
+
+Full-length chains (issue 11): a chain is its *deposited* sequence (mmCIF ``_pdbx_poly_seq_scheme`` +
+``pdbx_seq_one_letter_code_can``, PDB ``SEQRES``; see ``data.deposited``) with an ``observed`` flag per position,
+atom37 arrays that are zero where unobserved, ``residue_index`` 0..N-1 along that sequence, and author numbers.
+Files without a deposited sequence, or whose sequence cannot be reconciled with the observed residues, give
+the observed residues only (``sequence_source == "observed"``, the reason in ``sequence_note``).
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import os
 import re
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from transformers.models.esm.openfold_utils import residue_constants as rc
+
+from data import residue_constants as rc
+from data.deposited import DepositedSequence, Unreconcilable, mmcif_sequences, place, seqres_sequences
 
 ATOM_TYPES: list[str] = list(rc.atom_types)
 ATOM_ORDER: dict[str, int] = dict(rc.atom_order)
@@ -52,28 +60,76 @@ _WATER = frozenset({"HOH", "WAT", "DOD", "H2O"})
 _PDB_ID = re.compile(r"^(\d[A-Za-z0-9]{3})(?:$|[_.\-])")
 
 
+SEQUENCE_SOURCES = ("mmcif", "seqres", "observed")
+UNRECONCILED = "not reconciled with the observed residues"  # in ``sequence_note`` of such fallbacks
+
+
 @dataclass
 class ProteinChain:
-    """One cleaned protein chain. L = number of residues with a CA atom."""
+    """One cleaned protein chain of N positions along its deposited sequence (L of them observed).
+
+    ``author_number``/``insertion_code`` number every position: observed positions carry the file's author
+    numbering, unobserved ones the mmCIF ``pdb_seq_num`` or numbers continued from their neighbours
+    (``data.deposited.assign_numbers``); they are unique unless the file's own numbering is not.
+    ``author_number`` defaults to ``residue_index + 1`` and ``observed`` to "every position".
+    """
 
     pdb_id: str
     chain: str
     model: int
-    sequence: str  # one-letter, parents of modified residues (MSE->M), unknown -> X
-    aatype: np.ndarray  # (L,) int64, AF2 order 0..20
-    residue_index: np.ndarray  # (L,) int64, author residue numbers
-    insertion_code: np.ndarray  # (L,) '<U1', '' when none
-    atom37_positions: np.ndarray  # (L, 37, 3) float32, Å
-    atom37_mask: np.ndarray  # (L, 37) float32
-    b_factors: np.ndarray  # (L, 37) float32 (pLDDT for predicted models)
+    sequence: str  # (N letters) one-letter, parents of modified residues (MSE->M), unknown -> X
+    aatype: np.ndarray  # (N,) int64, AF2 order 0..20
+    residue_index: np.ndarray  # (N,) int64, 0..N-1 along the deposited sequence (the model's position ids)
+    insertion_code: np.ndarray  # (N,) '<U1', '' when none
+    atom37_positions: np.ndarray  # (N, 37, 3) float32, Å; zero where unobserved
+    atom37_mask: np.ndarray  # (N, 37) float32; zero where unobserved
+    b_factors: np.ndarray  # (N, 37) float32 (pLDDT for predicted models)
     method: str | None = None
     resolution: float | None = None
     release_date: str | None = None
     source_file: str = ""
     modified_residues: dict[str, int] = field(default_factory=dict)  # e.g. {"MSE": 4} -> why M differs
+    observed: np.ndarray | None = None  # (N,) bool, the position has a CA atom
+    author_number: np.ndarray | None = None  # (N,) int64
+    sequence_source: str = "observed"  # one of SEQUENCE_SOURCES
+    sequence_note: str = ""  # why the deposited sequence was not used (fallbacks), else ""
+
+    def __post_init__(self) -> None:
+        n = len(self.aatype)
+        if self.observed is None:
+            self.observed = np.ones(n, dtype=bool)
+        if self.author_number is None:
+            self.author_number = np.asarray(self.residue_index, dtype=np.int64) + 1
+        if self.sequence_source not in SEQUENCE_SOURCES:
+            raise ValueError(f"sequence_source: must be one of {SEQUENCE_SOURCES}, got {self.sequence_source!r}")
 
     def __len__(self) -> int:
         return len(self.sequence)
+
+    @property
+    def n_observed(self) -> int:
+        return int(np.count_nonzero(self.observed))
+
+    @property
+    def unreconciled(self) -> bool:
+        """The file has a deposited sequence, but it did not match the observed residues (see sequence_note)."""
+        return self.sequence_source == "observed" and UNRECONCILED in self.sequence_note
+
+    @property
+    def has_deposited_sequence(self) -> bool:
+        """True when ``residue_index`` is the position in a deposited sequence (not just the observed order)."""
+        return self.sequence_source != "observed"
+
+    def observed_residues(self) -> "ProteinChain":
+        """The chain cut down to its observed positions (what a chain was before full-length chains):
+        ``residue_index`` 0..L-1, author numbering kept, ``sequence_source`` "observed"."""
+        keep = np.flatnonzero(self.observed)
+        arrays = {key: np.asarray(getattr(self, key))[keep].copy() for key in
+                  ("aatype", "insertion_code", "atom37_positions", "atom37_mask", "b_factors", "observed",
+                   "author_number")}
+        note = self.sequence_note if not self.has_deposited_sequence else "observed residues of a full-length chain"
+        return replace(self, sequence="".join(self.sequence[i] for i in keep), residue_index=np.arange(len(keep)),
+                       sequence_source="observed", sequence_note=note, **arrays)
 
     @property
     def chain_id(self) -> str:
@@ -206,7 +262,8 @@ def _pdb_metadata(header: dict) -> dict:
 
 
 def _parse(path: Path):
-    """(Biopython Structure, metadata dict) for a PDB or mmCIF file."""
+    """(Biopython Structure, metadata dict, deposited sequences by chain id, why there are none) for a PDB
+    or mmCIF file."""
     from Bio.PDB import MMCIFParser, PDBParser
 
     text = read_text(path)
@@ -219,10 +276,14 @@ def _parse(path: Path):
                 parser = MMCIFParser(QUIET=True)
                 structure = parser.get_structure(path.stem, io.StringIO(text))
                 metadata = _mmcif_metadata(parser._mmcif_dict)
+                deposited = mmcif_sequences(parser._mmcif_dict, MODIFIED_PARENT)
+                missing = "no _pdbx_poly_seq_scheme in the file"
             else:
                 _check_pdb_records(text, path)
                 structure = PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(text))
                 metadata = _pdb_metadata(structure.header)
+                deposited = seqres_sequences(text, MODIFIED_PARENT)
+                missing = "no SEQRES records in the file"
         except ValueError as exc:
             if str(exc).startswith(str(path)):
                 raise
@@ -230,7 +291,7 @@ def _parse(path: Path):
         except Exception as exc:  # Biopython raises many exception types on garbled input
             raise ValueError(f"{path}: {fmt}: unreadable ({type(exc).__name__}: {exc})") from exc
     metadata["pdb_id"] = (metadata["pdb_id"] or _pdb_id_from_name(path)).strip()
-    return structure, metadata
+    return structure, metadata, deposited, missing
 
 
 def _pick_residue(residue):
@@ -318,14 +379,55 @@ def _chain_arrays(chain_entity) -> dict | None:
             modified[r[6]] = modified.get(r[6], 0) + 1
     return {
         "sequence": sequence,
-        "aatype": np.array([rc.restype_order_with_x.get(c, UNKNOWN_AATYPE) for c in sequence], np.int64),
-        "residue_index": np.array([r[1] for r in rows], np.int64),
+        "aatype": _aatype(sequence),
+        "residue_index": np.arange(len(rows), dtype=np.int64),
+        "author_number": np.array([r[1] for r in rows], np.int64),
         "insertion_code": np.array([r[2] for r in rows], dtype="<U1"),
         "atom37_positions": np.stack([r[3] for r in rows]).astype(np.float32),
         "atom37_mask": np.stack([r[4] for r in rows]).astype(np.float32),
         "b_factors": np.stack([r[5] for r in rows]).astype(np.float32),
         "modified_residues": modified,
     }
+
+
+def _aatype(sequence: str) -> np.ndarray:
+    return np.array([rc.restype_order_with_x.get(c, UNKNOWN_AATYPE) for c in sequence], np.int64)
+
+
+def _full_length(observed: dict, deposited: DepositedSequence | None, missing: str) -> dict:
+    """The observed-residue arrays of ``_chain_arrays`` laid out on the deposited sequence.
+
+    Adds ``observed``, ``sequence_source`` and ``sequence_note``. Without a usable deposited sequence the
+    observed residues are the chain (source ``"observed"``, the reason in the note).
+    """
+    n_obs = len(observed["sequence"])
+    fallback = {**observed, "observed": np.ones(n_obs, dtype=bool), "sequence_source": "observed"}
+    if deposited is None:
+        return {**fallback, "sequence_note": missing}
+    try:
+        placed = place(observed["sequence"], observed["author_number"], observed["insertion_code"],
+                       observed["atom37_positions"], observed["atom37_mask"], deposited)
+    except Unreconcilable as exc:
+        source = "_pdbx_poly_seq_scheme" if deposited.source == "mmcif" else "SEQRES"
+        return {**fallback, "sequence_note": f"{source} {UNRECONCILED}: {exc}"}
+    n = len(placed.sequence)
+    where = placed.positions
+    full = {"sequence": placed.sequence, "aatype": _aatype(placed.sequence),
+            "residue_index": np.arange(n, dtype=np.int64), "observed": np.zeros(n, dtype=bool),
+            "modified_residues": observed["modified_residues"], "sequence_source": deposited.source,
+            "sequence_note": ""}
+    full["observed"][where] = True
+    for key, shape in (("atom37_positions", (n, 37, 3)), ("atom37_mask", (n, 37)), ("b_factors", (n, 37))):
+        full[key] = np.zeros(shape, np.float32)
+        full[key][where] = observed[key]
+    if placed.numbers is not None:
+        full["author_number"], full["insertion_code"] = placed.numbers, placed.codes
+    else:  # the file's own numbering repeats a key: keep it where observed, continue it elsewhere
+        full["author_number"] = np.zeros(n, np.int64)
+        full["insertion_code"] = np.full(n, "", dtype="<U1")
+        full["author_number"][where] = observed["author_number"]
+        full["insertion_code"][where] = observed["insertion_code"]
+    return full
 
 
 def _select_model(structure, path: Path, model: int):
@@ -349,13 +451,20 @@ def read_chains(path: str | os.PathLike, model: int = 1) -> list[ProteinChain]:
     Raises ``ValueError("{path}: {field}: ...")`` for unreadable files or files with no protein chain.
     """
     path = Path(path)
-    structure, metadata = _parse(path)
+    structure, metadata, deposited, missing = _parse(path)
     chosen_model = _select_model(structure, path, model)
     chains = []
     for chain_entity in chosen_model:
         arrays = _chain_arrays(chain_entity)
         if arrays is None:
             continue  # nucleic acid, ligand-only or water-only chain
+        chain_name = chain_entity.id.strip()
+        if deposited:
+            missing_here = f"chain {chain_name or '_'} has no deposited sequence in the file"
+        else:
+            missing_here = missing
+        arrays = _full_length(arrays, deposited.get(chain_entity.id.strip()) or deposited.get(chain_entity.id),
+                              missing_here)
         chains.append(
             ProteinChain(
                 pdb_id=metadata["pdb_id"], chain=chain_entity.id.strip(), model=model,
@@ -387,12 +496,33 @@ def _pdb_atom_name(name: str) -> str:
     return f" {name:<3}" if len(name) < 4 else name
 
 
-def chain_to_pdb(chain: ProteinChain) -> str:
+def _seqres_records(chain: ProteinChain, chain_char: str) -> list[str]:
+    names = [rc.restype_1to3.get(letter, "UNK") for letter in chain.sequence]
+    return [
+        f"SEQRES {row + 1:3d} {chain_char} {len(names):4d}  " + " ".join(names[13 * row : 13 * row + 13])
+        for row in range((len(names) + 12) // 13)
+    ]
+
+
+def numbering_is_unique(chain: ProteinChain) -> bool:
+    """Whether (author number, insertion code) identifies each position and fits a PDB file."""
+    numbers = chain.author_number.tolist()
+    keys = set(zip(numbers, (str(c) for c in chain.insertion_code.tolist())))
+    return len(keys) == len(numbers) and all(-999 <= n <= 9999 for n in numbers)
+
+
+def chain_to_pdb(chain: ProteinChain, numbering: str = "author") -> str:
     """PDB text with one ATOM record per present atom37 atom (B-factor column = ``b_factors``).
 
-    X residues are written as UNK. Chain ids longer than one character do not fit the PDB format and
-    raise ``ValueError``; so do residue numbers outside -999..9999.
+    ``numbering="author"`` writes ``author_number`` + ``insertion_code``; ``"index"`` writes
+    ``residue_index + 1`` (the position in the deposited sequence, as mmCIF ``label_seq_id``) with no
+    insertion codes. Chains with a deposited sequence also get SEQRES records, so reading the file back
+    restores the full sequence and which positions are observed. X residues are written as UNK. Chain ids
+    longer than one character do not fit the PDB format and raise ``ValueError``; so do residue numbers
+    outside -999..9999.
     """
+    if numbering not in ("author", "index"):
+        raise ValueError(f"numbering: must be 'author' or 'index', got {numbering!r}")
     chain_char = chain.chain or " "
     if len(chain_char) != 1:
         raise ValueError(f"{chain.source_file}: chain: id {chain.chain!r} does not fit a PDB file (1 character)")
@@ -400,15 +530,23 @@ def chain_to_pdb(chain: ProteinChain) -> str:
     if re.fullmatch(r"\d[A-Za-z0-9]{3}", chain.pdb_id):  # lets read_chain recover the id from the text
         lines.append(f"HEADER    {'PROTEIN':<40}{'':9}   {chain.pdb_id.upper():4}")
     lines.append(f"REMARK   1 foldtune chain {chain.chain_id} from {Path(chain.source_file).name or '-'}")
+    if numbering == "index":
+        lines.append("REMARK   1 residues numbered by their position in the deposited sequence (1..N)")
+    if chain.has_deposited_sequence:
+        lines.extend(_seqres_records(chain, chain_char))
     serial = 0
     last = None
     for i, aa in enumerate(chain.aatype.tolist()):
         resname = rc.restype_1to3.get(rc.restypes_with_x[aa], "UNK") if aa < UNKNOWN_AATYPE else "UNK"
-        resnum = int(chain.residue_index[i])
-        if not -999 <= resnum <= 9999:
-            raise ValueError(f"{chain.source_file}: residue_index: {resnum} does not fit a PDB file")
-        icode = str(chain.insertion_code[i]) if len(chain.insertion_code) else ""
-        for atom_index in np.flatnonzero(chain.atom37_mask[i] > 0):
+        if numbering == "index":
+            resnum, icode = int(chain.residue_index[i]) + 1, ""
+        else:
+            resnum = int(chain.author_number[i])
+            icode = str(chain.insertion_code[i]) if len(chain.insertion_code) else ""
+        present = np.flatnonzero(chain.atom37_mask[i] > 0)
+        if present.size and not -999 <= resnum <= 9999:
+            raise ValueError(f"{chain.source_file}: residue number {resnum} does not fit a PDB file")
+        for atom_index in present:
             serial += 1
             name = ATOM_TYPES[atom_index]
             x, y, z = (float(v) for v in chain.atom37_positions[i, atom_index])

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from transformers.models.esm.openfold_utils import residue_constants as rc
+if TYPE_CHECKING:
+    import torch
+
+from data import residue_constants as rc
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,11 +34,13 @@ def _esm_vocab() -> tuple[dict[str, int], int, int, int, int]:
 ESM_PAD, ESM_MASK = 1, 32  # fixed by the alphabet; asserted in tests
 
 
-def esm_tokens(seqs: Sequence[str]) -> torch.Tensor:
+def esm_tokens(seqs: Sequence[str]) -> "torch.Tensor":
     """(B, Lmax + 2) long: ``<cls> seq <eos>`` per row, right-padded with ``<pad>`` (1).
 
     Letters outside the alphabet become ``<unk>`` (3); lower case is upper-cased.
     """
+    import torch
+
     vocab, unk, cls, eos, pad = _esm_vocab()
     width = max((len(s) for s in seqs), default=0) + 2
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -52,8 +56,10 @@ _AF2_ORDER: dict[str, int] = dict(rc.restype_order_with_x)  # A..V -> 0..19, X -
 _AF2_UNKNOWN = rc.restype_order_with_x["X"]
 
 
-def af2_indices(seq: str) -> torch.Tensor:
+def af2_indices(seq: str) -> "torch.Tensor":
     """(L,) long in AlphaFold2 order (``residue_constants.restypes``); anything else (B, Z, U, O, X) -> 20."""
+    import torch
+
     return torch.tensor([_AF2_ORDER.get(letter, _AF2_UNKNOWN) for letter in seq.upper()], dtype=torch.long)
 
 

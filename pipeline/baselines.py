@@ -100,7 +100,9 @@ def helix_offsets(residue_index: np.ndarray) -> np.ndarray:
 def ideal_helix_chain(chain: ProteinChain) -> ProteinChain:
     """The chain's sequence as one ideal alpha-helix (N, CA, C, O; CB for non-Gly), same residue numbering.
 
-    Missing residues between author numbers are built (and dropped) so that a chain break keeps its spacing.
+    Positions follow ``residue_index`` (the deposited-sequence index of a full-length chain, so every
+    residue is on the helix); where it jumps (a chain given without its missing residues) the missing ones are
+    built and dropped so that the break keeps its spacing.
     B-factors (the pLDDT column of predictions) are 0: a baseline has no confidence.
     """
     length = len(chain.aatype)
@@ -122,4 +124,5 @@ def ideal_helix_chain(chain: ProteinChain) -> ProteinChain:
         residue_index=np.asarray(chain.residue_index).copy(), insertion_code=np.asarray(chain.insertion_code).copy(),
         atom37_positions=positions, atom37_mask=mask, b_factors=np.zeros_like(mask),
         method="ideal-helix baseline", resolution=None, release_date=None, source_file=chain.source_file,
+        author_number=np.asarray(chain.author_number).copy(), sequence_source=chain.sequence_source,
     )

@@ -4,8 +4,15 @@
     PRED_DIR/predictions.csv    chain_id,pdb,mean_plddt,ptm,length   (pdb = absolute path of the file)
 
 The model is rebuilt from a run directory (`RUN/config.yaml` model section + `RUN/adapter/`), or from a
-training config for the untuned base. Chains are folded at full length (no crop) with the model's
-maximum number of recycles, in length-sorted batches under a token budget.
+training config for the untuned base. Chains are folded whole (no crop) with the model's maximum number
+of recycles, in length-sorted batches under a token budget.
+
+Which sequence is folded (`sequence=`): "full" (default) folds the deposited sequence of each chain, with
+position ids 0..N-1 along it, as ESMFold does; the PDB gets SEQRES records and the native's author numbering
+(unobserved positions numbered as `data.structure` assigns them, or every residue by its deposited index
+1..N when that numbering is not unique), so `foldtune score` and the TMscore program match each predicted
+residue to its native one. "observed" folds only the residues with coordinates, with author numbers as
+position ids (the behaviour before full-length chains).
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import yaml
 from transformers.models.esm.openfold_utils import atom14_to_atom37, compute_tm
 
 from data.io import atomic_path, atomic_write_text
-from data.structure import ProteinChain, chain_to_pdb
+from data.structure import ProteinChain, chain_to_pdb, numbering_is_unique
 from data.tokenize import af2_indices
 
 PREDICTION_COLUMNS = ["chain_id", "pdb", "mean_plddt", "ptm", "length"]
+SEQUENCE_MODES = ("full", "observed")
 
 
 @dataclass
@@ -33,10 +41,29 @@ class Target:
     """One chain to fold: its id, sequence and the numbering the output must carry."""
     chain_id: str
     template: ProteinChain   # native chain (or a coordinate-free stand-in for FASTA input)
+    position_ids: np.ndarray | None = None  # (L,) the model's position ids; default template.residue_index
 
     @property
     def length(self) -> int:
         return len(self.template.aatype)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.template.residue_index if self.position_ids is None else self.position_ids
+
+
+def select_sequence(targets: Sequence[Target], sequence: str = "full") -> list[Target]:
+    """Targets folding the full deposited sequence ("full") or only the observed residues ("observed", with
+    author numbers as position ids, as before full-length chains)."""
+    if sequence not in SEQUENCE_MODES:
+        raise ValueError(f"--sequence: must be one of {SEQUENCE_MODES}, got {sequence!r}")
+    if sequence == "full":
+        return list(targets)
+    selected = []
+    for target in targets:
+        observed = target.template.observed_residues()
+        selected.append(Target(target.chain_id, observed, position_ids=observed.author_number.copy()))
+    return selected
 
 
 # --------------------------------------------------------------------------------- targets
@@ -242,7 +269,7 @@ def fold(model, targets: Sequence[Target], num_recycles: int | None = None) -> l
         n = target.length
         aatype[row, :n] = torch.as_tensor(target.template.aatype)
         mask[row, :n] = 1
-        residx[row, :n] = torch.as_tensor(target.template.residue_index)
+        residx[row, :n] = torch.as_tensor(target.positions)
     recycles = max_recycles(model) if num_recycles is None else num_recycles
     out = model(aatype.to(device), attention_mask=mask.to(device), position_ids=residx.to(device),
                 num_recycles=recycles)
@@ -259,7 +286,7 @@ def fold(model, targets: Sequence[Target], num_recycles: int | None = None) -> l
     for row, target in enumerate(targets):
         n = target.length
         predicted = replace(
-            target.template,
+            target.template, observed=np.ones(n, dtype=bool),
             atom37_positions=atom37[row, :n].astype(np.float32),
             atom37_mask=exists[row, :n].astype(np.float32),
             b_factors=(plddt[row, :n] * exists[row, :n]).astype(np.float32),
@@ -309,7 +336,7 @@ def predict_targets(model, targets: Sequence[Target], out_dir: str | Path, max_t
 
 def _write_one(out_dir: Path, target: Target, chain: ProteinChain, ptm: float) -> dict:
     pdb_path = (out_dir / f"{target.chain_id}.pdb").resolve()
-    atomic_write_text(pdb_path, chain_to_pdb(chain))
+    atomic_write_text(pdb_path, chain_to_pdb(chain, numbering="author" if numbering_is_unique(chain) else "index"))
     return {"chain_id": target.chain_id, "pdb": str(pdb_path), "mean_plddt": round(_mean_plddt(chain), 3),
             "ptm": ptm, "length": target.length}
 
@@ -327,7 +354,7 @@ def predict_baseline(targets: Sequence[Target], out_dir: str | Path,
     rows = []
     for target in targets:
         chain = builder(target.template)
-        chain = replace(chain, b_factors=np.zeros_like(chain.atom37_mask, dtype=np.float32))
+        chain = replace(chain, observed=np.ones(len(chain.aatype), dtype=bool), b_factors=np.zeros_like(chain.atom37_mask, dtype=np.float32))
         rows.append(_write_one(out_dir, target, chain, float("nan")))
     write_predictions(out_dir, rows)
     return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)

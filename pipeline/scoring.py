@@ -1,7 +1,12 @@
 """Score predicted structures against references: residue matching + the metrics of ``pipeline.metrics``.
 
-- :func:`match_residues` pairs model and reference residues by residue number + insertion code (like
-  ``TMscore``) or by a global sequence alignment (``align="sequence"``, like ``TMscore -seq``).
+- :func:`match_residues` pairs model and reference residues by their deposited-sequence index
+  (``align="index"``), by author residue number + insertion code (``"number"``, like ``TMscore``) or by a
+  global sequence alignment (``"sequence"``, like ``TMscore -seq``). The default ``"auto"`` uses the index
+  when both chains carry the same deposited sequence (a dataset native and a ``foldtune predict`` PDB, both
+  mmCIF/SEQRES files), else the number.
+- Scores are normalised by the reference's observed residues: unobserved native positions (gaps) are not
+  counted, as the TMscore program scores a full-length model against a native with missing residues.
 - :func:`score_chains` / :func:`score_pair` return one dict with :data:`METRIC_KEYS`.
 - :func:`score_table` scores a CSV of pairs (batch mode); :func:`score_predictions` scores a prediction
   directory against a dataset (workflow mode, docs/design.md).
@@ -19,34 +24,53 @@ from data.structure import ProteinChain, read_chain
 from pipeline import metrics
 
 METRIC_KEYS: tuple[str, ...] = ("tm_score", "gdt_ts", "gdt_ha", "rmsd", "lddt", "lddt_ca", "n_aligned", "l_ref")
-ALIGN_MODES: tuple[str, ...] = ("number", "sequence")
+ALIGN_MODES: tuple[str, ...] = ("auto", "index", "number", "sequence")
 
 
 def _describe(chain: ProteinChain) -> str:
     return chain.source_file or f"{chain.pdb_id}_{chain.chain}"
 
 
-def match_residues(model: ProteinChain, ref: ProteinChain, align: str = "number") -> tuple[np.ndarray, np.ndarray]:
+def shares_deposited_sequence(model: ProteinChain, ref: ProteinChain) -> bool:
+    """Both chains are positions of the same deposited sequence, so equal ``residue_index`` = same residue."""
+    return model.has_deposited_sequence and ref.has_deposited_sequence and model.sequence == ref.sequence
+
+
+def resolve_align(model: ProteinChain, ref: ProteinChain, align: str) -> str:
+    """``"auto"`` -> ``"index"`` when :func:`shares_deposited_sequence`, else ``"number"``."""
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align: must be one of {ALIGN_MODES}, got {align!r}")
+    if align == "auto":
+        return "index" if shares_deposited_sequence(model, ref) else "number"
+    return align
+
+
+def match_residues(model: ProteinChain, ref: ProteinChain, align: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(model_idx, ref_idx)`` of matched residues, in model order.
 
-    ``align="number"``: same author residue number and insertion code (each model residue takes the first
-    reference residue with that key, as TMscore does). ``align="sequence"``: global alignment of the two
-    sequences (Biopython PairwiseAligner, BLOSUM62, gap open -11 / extend -1, free end gaps); aligned
-    positions are matched whatever their residue numbers.
+    ``align="index"``: the same position of the shared deposited sequence (ValueError unless both chains carry
+    it). ``align="number"``: same author residue number and insertion code (each model residue takes the
+    first reference residue with that key, as TMscore does). ``align="sequence"``: global alignment of the
+    two sequences (Biopython PairwiseAligner, BLOSUM62, gap open -11 / extend -1, free end gaps); aligned
+    positions are matched whatever their residue numbers. ``"auto"``: see :func:`resolve_align`.
     """
-    if align == "number":
+    align = resolve_align(model, ref, align)
+    if align == "index":
+        if not shares_deposited_sequence(model, ref):
+            raise ValueError(f"{_describe(model)} vs {_describe(ref)}: align: 'index' needs both chains to carry "
+                             f"the same deposited sequence (sources {model.sequence_source}/{ref.sequence_source})")
+        pairs = [(i, i) for i in range(len(ref.sequence))]
+    elif align == "number":
         first: dict[tuple[int, str], int] = {}
-        for j, key in enumerate(zip(ref.residue_index.tolist(), ref.insertion_code.tolist())):
+        for j, key in enumerate(zip(ref.author_number.tolist(), ref.insertion_code.tolist())):
             first.setdefault((int(key[0]), str(key[1]).strip()), j)
         pairs = [
             (i, first[(int(number), str(code).strip())])
-            for i, (number, code) in enumerate(zip(model.residue_index.tolist(), model.insertion_code.tolist()))
+            for i, (number, code) in enumerate(zip(model.author_number.tolist(), model.insertion_code.tolist()))
             if (int(number), str(code).strip()) in first
         ]
     elif align == "sequence":
         pairs = _sequence_pairs(model.sequence, ref.sequence)
-    else:
-        raise ValueError(f"align: must be one of {ALIGN_MODES}, got {align!r}")
     if not pairs:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     model_idx, ref_idx = (np.asarray(v, dtype=np.int64) for v in zip(*pairs))
@@ -68,8 +92,8 @@ def _sequence_pairs(model_seq: str, ref_seq: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "number") -> dict:
-    """All metrics of ``model`` against ``ref`` (normalised by the reference length).
+def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") -> dict:
+    """All metrics of ``model`` against ``ref`` (normalised by the reference's observed residues).
 
     Returns a dict with ``tm_score, gdt_ts, gdt_ha, rmsd`` (CA, TMscore search / Kabsch RMSD over the
     matched residues), ``lddt`` (all-atom) and ``lddt_ca`` (OST conventions; reference residues missing
@@ -111,9 +135,9 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "number") 
 
 
 def _span(chain: ProteinChain) -> str:
-    if len(chain.residue_index) == 0:
+    if len(chain.author_number) == 0:
         return "none"
-    return f"{int(chain.residue_index.min())}..{int(chain.residue_index.max())}"
+    return f"{int(chain.author_number.min())}..{int(chain.author_number.max())}"
 
 
 def score_pair(
@@ -123,7 +147,7 @@ def score_pair(
     chain2: str | None = None,
     model1: int = 1,
     model2: int = 1,
-    align: str = "number",
+    align: str = "auto",
 ) -> dict:
     """Read ``model_path`` (chain1, model1) and ``ref_path`` (chain2, model2) and :func:`score_chains` them."""
     return _score_files(model_path, ref_path, chain1, chain2, model1, model2, align, read_chain)
@@ -198,7 +222,7 @@ def _cell(row, name: str):
 def score_table(
     pairs_csv: str | os.PathLike,
     out_csv: str | os.PathLike,
-    align: str = "number",
+    align: str = "auto",
     show_progress: bool = True,
 ):
     """Batch mode: score every row ``id,model,ref[,chain1,chain2]`` of ``pairs_csv`` into ``out_csv``.
@@ -239,39 +263,17 @@ def score_table(
 
 
 def _load_native(npz_path: Path) -> ProteinChain:
-    """Native chain of a dataset: ``data.dataset.load_chain`` when available, else the npz keys of design.md."""
-    try:
-        from data.dataset import load_chain  # type: ignore[attr-defined]
-    except ImportError:
-        load_chain = None
-    if load_chain is not None:
-        return load_chain(npz_path)
-    try:
-        with np.load(npz_path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{npz_path}: npz: cannot read ({exc})") from exc
-    required = ("aatype", "residue_index", "atom37_positions", "atom37_mask")
-    for key in required:
-        if key not in arrays:
-            raise ValueError(f"{npz_path}: {key}: missing from the chain file")
-    n_res = len(arrays["aatype"])
-    insertion = arrays.get("insertion_code", np.full(n_res, "", dtype="<U1"))
-    sequence = str(arrays["sequence"]) if "sequence" in arrays else ""
-    return ProteinChain(
-        pdb_id=npz_path.stem.split("_")[0], chain=npz_path.stem.split("_", 1)[-1], model=1, sequence=sequence,
-        aatype=arrays["aatype"].astype(np.int64), residue_index=arrays["residue_index"].astype(np.int64),
-        insertion_code=insertion.astype("<U1"), atom37_positions=arrays["atom37_positions"].astype(np.float32),
-        atom37_mask=arrays["atom37_mask"].astype(np.float32),
-        b_factors=np.zeros_like(arrays["atom37_mask"], dtype=np.float32), source_file=str(npz_path),
-    )
+    """Native chain of a dataset (``data.chains.load_chain``; an old-format dataset gets its one-line error)."""
+    from data.chains import load_chain
+
+    return load_chain(npz_path)
 
 
 def score_predictions(
     predictions_csv: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     out_csv: str | os.PathLike,
-    align: str = "number",
+    align: str = "auto",
     show_progress: bool = True,
 ):
     """Workflow mode: score ``PRED_DIR/predictions.csv`` rows against the dataset natives.

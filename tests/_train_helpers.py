@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data.dataset import save_chain
+from data.chains import manifest_row, save_chain
 from data.structure import read_chain
 from tests.shared_data import SHARED_STRUCTURES
 
@@ -21,10 +21,7 @@ def make_dataset(out: Path, files: list[tuple[str, str]]) -> tuple[Path, Path]:
         chain = read_chain(STRUCTURES / name)
         chain_id = f"{chain.pdb_id.lower()}_{chain.chain}"
         save_chain(chain, out / "chains" / f"{chain_id}.npz")
-        rows.append({"chain_id": chain_id, "pdb_id": chain.pdb_id, "chain": chain.chain, "length": len(chain.aatype),
-                     "sequence": chain.sequence, "method": chain.method or "", "resolution": chain.resolution or "",
-                     "release_date": chain.release_date or "", "source_file": name,
-                     "npz": f"chains/{chain_id}.npz", "_split": split})
+        rows.append({**manifest_row(chain, name, f"chains/{chain_id}.npz"), "chain_id": chain_id, "_split": split})
     with open(out / "manifest.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "_split"], extrasaction="ignore")
         writer.writeheader()

@@ -40,9 +40,10 @@ def _chain_from_sequence(sequence: str, residue_index=None):
 
 
 def _segment(chain, first: int, last: int):
-    keep = (chain.residue_index >= first) & (chain.residue_index <= last)
+    keep = (chain.author_number >= first) & (chain.author_number <= last)
     arrays = {k: getattr(chain, k)[keep] for k in
-              ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "b_factors")}
+              ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "b_factors",
+               "observed", "author_number")}
     return dataclasses.replace(chain, sequence="".join(np.array(list(chain.sequence))[keep]), **arrays)
 
 

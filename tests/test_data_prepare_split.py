@@ -57,11 +57,15 @@ def test_prepare_filters_and_chains_file(tmp_path):
                          "--no-progress"])
     assert summary_rows == 0
     manifest = read_manifest(tmp_path / "ds")
-    assert manifest.chain_id.tolist() == ["1tii_D", "1a8o_A"]  # 2ofg: 106 > 100; 3zee: 6.1 Å; 1tii C: 36
+    # Length filters see the full (deposited) length: 1tii C has 53 residues, 36 observed -> kept;
+    # 2ofg: 111 (106 observed) > 100; 3zee: 6.1 Å.
+    assert manifest.chain_id.tolist() == ["1tii_D", "1tii_C", "1a8o_A"]
+    assert manifest.length.tolist() == [99, 53, 70] and manifest.n_observed.tolist() == [98, 36, 70]
+    assert manifest.sequence_source.tolist() == ["seqres"] * 3
     errors = pd.read_csv(tmp_path / "ds" / "errors.csv", keep_default_na=False)
     got = {(Path(f).name, c, s) for f, c, s in zip(errors.file, errors.chain, errors.stage)}
-    assert got == {("1tii.pdb", "Q", "select"), ("1tii.pdb", "C", "filter"), ("3zee.cif", "A", "filter"),
-                   ("2ofg.cif", "X", "filter")}
+    assert got == {("1tii.pdb", "Q", "select"), ("3zee.cif", "A", "filter"), ("2ofg.cif", "X", "filter")}
+    assert "length 111 > max_len 100" in errors.reason[errors.chain == "X"].iloc[0]
     assert ChainFilters(max_unknown=0.0).reason(__import__("data.structure").structure.read_chain(files[1])) is None
 
 

@@ -37,18 +37,18 @@ def test_every_shared_file_matches_manifest(parsed):
         chains = parsed[file_name]
         assert list(chains) == [_manifest_chain_name(c) for c in rows.chain], file_name
         for row in rows.itertuples():
-            chain = chains[_manifest_chain_name(row.chain)]
+            chain = chains[_manifest_chain_name(row.chain)].observed_residues()
             expected_seq, expected_len = row.sequence, int(row.n_residues)
             if (file_name, row.chain) in MICROHETEROGENEITY:
                 resnum, dropped = MICROHETEROGENEITY[(file_name, row.chain)]
-                position = int(np.flatnonzero(chain.residue_index == resnum)[0])
+                position = int(np.flatnonzero(chain.author_number == resnum)[0])
                 expected_seq = expected_seq[: position + 1] + expected_seq[position + 2 :]
                 assert row.sequence[position + 1] == dropped
                 expected_len -= 1
             assert len(chain) == expected_len, (file_name, row.chain)
             assert chain.sequence == expected_seq, (file_name, row.chain)
-            assert f"{chain.residue_index[0]}{chain.insertion_code[0]}" == row.first_resnum
-            assert f"{chain.residue_index[-1]}{chain.insertion_code[-1]}" == row.last_resnum
+            assert f"{chain.author_number[0]}{chain.insertion_code[0]}" == row.first_resnum
+            assert f"{chain.author_number[-1]}{chain.insertion_code[-1]}" == row.last_resnum
             assert chain.atom37_mask[:, ATOM_ORDER["CA"]].all()
             assert chain.atom37_positions.shape == (len(chain), 37, 3)
             assert chain.atom37_positions.dtype == np.float32 and chain.aatype.dtype == np.int64
@@ -85,9 +85,11 @@ def test_coordinates_match_line_scanner(file_name):
     """Positions, masks and B-factors of every atom37 atom equal the file's (altlocs: highest occupancy)."""
     oracle = _scan_pdb_model1(SHARED / file_name)
     n_checked = 0
-    for chain in read_chains(SHARED / file_name):
+    for full in read_chains(SHARED / file_name):
+        chain = full.observed_residues()
+        assert not full.atom37_mask[~full.observed].any()  # unobserved positions carry no atoms
         for i in range(len(chain)):
-            atoms = oracle[(chain.chain or " ", int(chain.residue_index[i]), str(chain.insertion_code[i]))]
+            atoms = oracle[(chain.chain or " ", int(chain.author_number[i]), str(chain.insertion_code[i]))]
             for name, index in ATOM_ORDER.items():
                 source = "SE" if name == "SD" and "SE" in atoms else name
                 if chain.atom37_mask[i, index]:
@@ -95,31 +97,31 @@ def test_coordinates_match_line_scanner(file_name):
                     np.testing.assert_allclose(chain.atom37_positions[i, index], xyz, atol=1e-3)
                     assert chain.b_factors[i, index] == pytest.approx(bfac, abs=1e-2)
                     n_checked += 1
-                elif not (file_name == "1ejg.pdb" and chain.residue_index[i] in (22, 25)):  # Pro/Ser, Leu/Ile sites
+                elif not (file_name == "1ejg.pdb" and chain.author_number[i] in (22, 25)):  # Pro/Ser, Leu/Ile sites
                     assert source not in atoms or name == "OXT", (file_name, i, name)
     assert n_checked > 150
 
 
 def test_mse_becomes_met_with_sd():
-    chain = read_chain(SHARED / "1a8o.pdb")
+    chain = read_chain(SHARED / "1a8o.pdb").observed_residues()
     assert len(chain) == 70  # 66 ATOM residues + 4 MSE HETATMs
     assert chain.modified_residues == {"MSE": 4}
     mse_resnums = sorted({int(l[22:26]) for l in (SHARED / "1a8o.pdb").read_text().splitlines()
                           if l.startswith("HETATM") and l[17:20] == "MSE"})
-    positions = [int(np.flatnonzero(chain.residue_index == r)[0]) for r in mse_resnums]
+    positions = [int(np.flatnonzero(chain.author_number == r)[0]) for r in mse_resnums]
     assert all(chain.sequence[p] == "M" for p in positions)
     assert chain.atom37_mask[positions, ATOM_ORDER["SD"]].all()
     assert chain.aatype[positions[0]] == 12  # AF2 order: M = 12
 
 
 def test_cacodylated_cys_keeps_only_cys_atoms():
-    chain = read_chain(SHARED / "1bhl.pdb")
+    chain = read_chain(SHARED / "1bhl.pdb").observed_residues()
     lines = [l for l in (SHARED / "1bhl.pdb").read_text().splitlines() if l.startswith("HETATM") and l[17:20] == "CAS"]
     resnums = sorted({int(l[22:26]) for l in lines if l[21] == "A"})
     assert chain.modified_residues == {"CAS": len(resnums)} and len(resnums) >= 1
     assert any(l[12:16].strip() == "AS" for l in lines)
     for resnum in resnums:
-        position = int(np.flatnonzero(chain.residue_index == resnum)[0])
+        position = int(np.flatnonzero(chain.author_number == resnum)[0])
         assert chain.sequence[position] == "C"
         present = {name for name, i in ATOM_ORDER.items() if chain.atom37_mask[position, i]}
         assert present <= {"N", "CA", "C", "O", "CB", "SG", "OXT"} and "SG" in present
@@ -127,20 +129,22 @@ def test_cacodylated_cys_keeps_only_cys_atoms():
 
 def test_insertion_codes_kept_in_file_order():
     chain = read_chain(SHARED / "1gbt.cif")
-    labels = [f"{n}{c}" for n, c in zip(chain.residue_index, chain.insertion_code)]
+    labels = [f"{n}{c}" for n, c in zip(chain.author_number, chain.insertion_code)]
     assert "184A" in labels and "188A" in labels and "221A" in labels
     assert labels.index("184A") == labels.index("184") + 1 and labels[labels.index("184A") + 1] == "185"
     assert len(set(labels)) == len(labels)
-    orc = read_chain(SHARED / "1orc.pdb")
+    orc = read_chain(SHARED / "1orc.pdb").observed_residues()
     assert sorted(set(orc.insertion_code.tolist()) - {""}) == ["A", "B", "C", "D", "E"]
 
 
 def test_truncated_nmr_models():
-    assert (len(read_chain(SHARED / "2ofg.cif")), read_chain(SHARED / "2ofg.cif").residue_index[[0, -1]].tolist()) == (106, [6, 111])
-    model2 = read_chain(SHARED / "2ofg.cif", model=2)
-    model3 = read_chain(SHARED / "2ofg.cif", model=3)
-    assert model2.residue_index[[0, -1]].tolist() == [1, 76] and model2.model == 2
-    assert model3.residue_index[[0, -1]].tolist() == [6, 76]
+    model1 = read_chain(SHARED / "2ofg.cif")
+    assert (len(model1), model1.n_observed) == (111, 106)  # all models share the 111-residue deposited sequence
+    assert model1.observed_residues().author_number[[0, -1]].tolist() == [6, 111]
+    model2 = read_chain(SHARED / "2ofg.cif", model=2).observed_residues()
+    model3 = read_chain(SHARED / "2ofg.cif", model=3).observed_residues()
+    assert model2.author_number[[0, -1]].tolist() == [1, 76] and model2.model == 2
+    assert model3.author_number[[0, -1]].tolist() == [6, 76]
     with pytest.raises(ValueError, match="2ofg.cif: model: model 4 requested, file has 3"):
         read_chain(SHARED / "2ofg.cif", model=4)
 
@@ -194,8 +198,12 @@ def test_chain_to_pdb_round_trip(tmp_path, file_name, chain):
     path.write_text(chain_to_pdb(original))
     back = read_chain(path)
     assert (back.sequence, back.chain, back.pdb_id) == (original.sequence, original.chain, original.pdb_id)
+    assert back.sequence_source == ("observed" if original.sequence_source == "observed" else "seqres")
     np.testing.assert_array_equal(back.residue_index, original.residue_index)
-    np.testing.assert_array_equal(back.insertion_code, original.insertion_code)
+    np.testing.assert_array_equal(back.observed, original.observed)
+    seen = original.observed
+    np.testing.assert_array_equal(back.author_number[seen], original.author_number[seen])
+    np.testing.assert_array_equal(back.insertion_code[seen], original.insertion_code[seen])
     np.testing.assert_array_equal(back.atom37_mask, original.atom37_mask)
     np.testing.assert_allclose(back.atom37_positions, original.atom37_positions, atol=6e-4)
     np.testing.assert_allclose(back.b_factors, original.b_factors, atol=6e-3)

@@ -52,14 +52,18 @@ def test_npz_round_trip_keeps_every_field(dataset_dir, tmp_path):
     chain = read_chain(SAMPLES / "1orc.pdb")
     save_chain(chain, tmp_path / "c.npz")
     back = load_chain(tmp_path / "c.npz")
-    for key in ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "b_factors"):
+    for key in ("aatype", "residue_index", "observed", "author_number", "insertion_code", "atom37_positions",
+                "atom37_mask", "b_factors"):
         np.testing.assert_array_equal(getattr(back, key), getattr(chain, key))
-    assert (back.sequence, back.pdb_id, back.chain, back.method, back.resolution, back.release_date) == (
-        chain.sequence, chain.pdb_id, chain.chain, chain.method, chain.resolution, chain.release_date)
+    assert (back.sequence, back.pdb_id, back.chain, back.method, back.resolution, back.release_date,
+            back.sequence_source, back.sequence_note) == (
+        chain.sequence, chain.pdb_id, chain.chain, chain.method, chain.resolution, chain.release_date,
+        chain.sequence_source, chain.sequence_note)
     manifest = read_manifest(dataset_dir)
     assert set(manifest.chain_id) == {"1a8o_A", "1ubi_A", "1vii_A", "2ofg_X", "1orc_A", "5zng_A", "5zng_C"}
     row = manifest.set_index("chain_id").loc["1orc_A"]
-    assert row.length == len(chain) and row.sequence == chain.sequence
+    assert row.length == len(chain) == 71 and row.n_observed == chain.n_observed == 64
+    assert row.sequence == chain.sequence and row.sequence_source == "seqres"
     with np.load(dataset_dir / row.npz) as npz:
         assert str(npz["sequence"]) == chain.sequence  # the design's 0-d str array
 
@@ -78,6 +82,8 @@ def test_crops_are_contiguous_and_deterministic(dataset_dir):
         assert torch.equal(item["residue_index"], torch.from_numpy(chain.residue_index[s : s + n]))
         assert torch.equal(item["atom37_positions"], torch.from_numpy(chain.atom37_positions[s : s + n]))
         assert item["sequence"] == chain.sequence[s : s + n]
+        assert torch.equal(item["observed"], torch.from_numpy(chain.observed[s : s + n].astype(np.float32)))
+        assert item["observed"].sum() > 0  # never a crop without coordinates
         assert again[i]["crop_start"] == s
         starts.append(s)
     assert [other_seed[i]["crop_start"] for i in range(len(ds))] != starts
@@ -97,7 +103,10 @@ def test_collate_pads_and_masks(dataset_dir):
     assert batch["mask"].sum(1).tolist() == lengths
     assert batch["chain_id"] == ds.chain_ids
     for row, n in enumerate(lengths):
-        assert batch["atom37_mask"][row, n:].sum() == 0 and batch["atom37_mask"][row, :n, 1].all()
+        observed = torch.from_numpy(ds.chain(row).observed)
+        assert batch["atom37_mask"][row, n:].sum() == 0
+        assert torch.equal(batch["atom37_mask"][row, :n, 1].bool(), observed)
+        assert torch.equal(batch["observed"][row, :n].bool(), observed) and batch["observed"][row, n:].sum() == 0
         assert torch.equal(batch["aatype"][row, :n], torch.from_numpy(ds.chain(row).aatype))
 
 

@@ -95,7 +95,8 @@ def test_matches_tmscore_on_perturbed_peptides(tmp_path):
     peptide = read_chain(SHARED / "4zhl.cif", chain="P")  # 10 residues
     source = read_chain(SHARED / "1l2y.pdb")
     sixteen = ProteinChain(**{**source.__dict__})
-    for key in ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "b_factors"):
+    for key in ("aatype", "residue_index", "insertion_code", "atom37_positions", "atom37_mask", "b_factors",
+                "observed", "author_number"):
         setattr(sixteen, key, getattr(source, key)[:16])
     sixteen.sequence = source.sequence[:16]
     for index, chain in enumerate([peptide, sixteen, peptide]):
@@ -120,8 +121,8 @@ def test_sequence_alignment_matches_tmscore_on_renumbered_model(tmp_path):
     assert len(model_idx) == 166  # the reference sequence is contained in the model's
     renumbered = ProteinChain(**{**model.__dict__})
     numbers = 5000 + np.arange(len(model), dtype=np.int64)  # unmatched residues get numbers REF lacks
-    numbers[model_idx] = ref.residue_index[ref_idx]
-    renumbered.residue_index = numbers
+    numbers[model_idx] = ref.author_number[ref_idx]
+    renumbered.author_number = numbers
     model_path, ref_path = tmp_path / "model.pdb", tmp_path / "ref.pdb"
     model_path.write_text(chain_to_pdb(renumbered))
     ref_path.write_text(chain_to_pdb(ref))
@@ -144,12 +145,13 @@ def test_identity_scores_one():
 def test_no_common_residues_names_both_files(tmp_path):
     model = read_chain(SHARED / "1ubi.pdb")
     shifted = ProteinChain(**{**model.__dict__})
-    shifted.residue_index = model.residue_index + 5000
+    shifted.author_number = model.author_number + 5000
     model_path, ref_path = tmp_path / "shifted_model.pdb", tmp_path / "native_ref.pdb"
     model_path.write_text(chain_to_pdb(shifted))
     ref_path.write_text(chain_to_pdb(model))
+    # (by deposited index the two files, which share 1ubi's SEQRES, would match: align="auto" does that)
     with pytest.raises(ValueError, match=r"shifted_model\.pdb.*native_ref\.pdb.*no common residues"):
-        scoring.score_pair(model_path, ref_path)
+        scoring.score_pair(model_path, ref_path, align="number")
 
 
 def test_single_kabsch_underreports_tm_score():

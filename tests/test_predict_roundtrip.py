@@ -49,7 +49,7 @@ def test_predict_writes_pdbs_with_plddt_and_native_numbering(trained_run):
         assert 0.0 <= ca_b.min() and ca_b.max() <= 100.0 and ca_b.max() > 1.0  # 0-100, not HF's 0-1
         assert row.mean_plddt == pytest.approx(float(ca_b.mean()), abs=0.01)
         assert 0.0 < row.ptm < 1.0
-    assert read_chain(out / "1vii_A.pdb").residue_index[0] == 41
+    assert read_chain(out / "1vii_A.pdb").author_number[0] == 41
 
 
 def test_reloaded_adapter_reproduces_the_in_memory_model(trained_run):
@@ -99,13 +99,13 @@ def test_fasta_input_and_ideal_helix_baseline(trained_run, tmp_path):
     assert main(["predict", "--run", str(run), "--fasta", str(fasta), "--out", str(tmp_path / "f"),
                  "--no-progress"]) == 0
     chain = read_chain(tmp_path / "f" / "q1.pdb")
-    assert chain.sequence == "MKTAYIAKQR" and chain.residue_index.tolist() == list(range(1, 11))
+    assert chain.sequence == "MKTAYIAKQR" and chain.author_number.tolist() == list(range(1, 11))
     assert main(["predict", "--baseline", "ideal-helix", "--dataset", str(ds), "--out", str(tmp_path / "h"),
                  "--no-progress"]) == 0
     table = pd.read_csv(tmp_path / "h" / "predictions.csv")
     assert (table["mean_plddt"] == 0).all() and len(table) == 3
     helix = read_chain(tmp_path / "h" / "1vii_A.pdb")
-    assert helix.residue_index[0] == 41
+    assert helix.author_number[0] == 41
     ca = helix.atom37_positions[:, 1]
     rise = np.linalg.norm(ca[4] - ca[0])  # i -> i+4 CA distance in an alpha helix is ~6.2 Å
     assert 5.5 < rise < 7.0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from data.chains import save_chain
 from data.structure import chain_to_pdb, read_chain
 from pipeline import scoring
 from pipeline.cli import main
@@ -58,11 +58,7 @@ def test_workflow_mode_scores_predictions_against_dataset(tmp_path):
     native = read_chain(TARGET)
     dataset = tmp_path / "dataset"
     (dataset / "chains").mkdir(parents=True)
-    np.savez(
-        dataset / "chains" / "7sgn_C.npz", aatype=native.aatype, residue_index=native.residue_index,
-        insertion_code=native.insertion_code, atom37_positions=native.atom37_positions,
-        atom37_mask=native.atom37_mask, sequence=np.array(native.sequence),
-    )
+    save_chain(native, dataset / "chains" / "7sgn_C.npz")
     pd.DataFrame({"chain_id": ["7sgn_C"], "pdb_id": ["7SGN"], "chain": ["C"], "length": [len(native)],
                   "npz": ["chains/7sgn_C.npz"]}).to_csv(dataset / "manifest.csv", index=False)
     pred_dir = tmp_path / "pred"

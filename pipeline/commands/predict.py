@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
     parser.add_argument("--force", action="store_true",
                         help="load an adapter even if it was recorded on another base (fingerprint differs)")
+    parser.add_argument("--sequence", choices=["full", "observed"], default="full",
+                        help="with --dataset: fold each chain's deposited sequence (default) or only its observed "
+                             "residues (author numbers as position ids, the behaviour before full-length chains)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch (B x Lmax)")
     parser.add_argument("--chunk-size", type=int, help="chunk the trunk's axial attention (long chains)")
     parser.add_argument("--num-recycles", type=int, help="default: the model's max_recycles")
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dataset:
             targets = predict.targets_from_dataset(args.dataset, args.splits, args.split)
+            targets = predict.select_sequence(targets, args.sequence)
         else:
             if args.split:
                 raise ValueError("--split: only with --dataset")

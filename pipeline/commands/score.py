@@ -1,6 +1,6 @@
 """`foldtune score`: TM-score, GDT-TS/HA, RMSD, lDDT and CA-lDDT of a model against a reference.
 
-    foldtune score MODEL REF [--chain1 C] [--chain2 C] [--model1 N] [--model2 N] [--align number|sequence] [--json]
+    foldtune score MODEL REF [--chain1 C] [--chain2 C] [--model1 N] [--model2 N] [--align auto|index|number|sequence] [--json]
     foldtune score --pairs pairs.csv --out scores.csv                      (columns id,model,ref[,chain1,chain2])
     foldtune score --predictions PRED_DIR/predictions.csv --dataset DATASET --out scores.csv
 """
@@ -22,9 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model1", type=int, default=1, help="model number in MODEL (default 1)")
     parser.add_argument("--model2", type=int, default=1, help="model number in REF (default 1)")
     parser.add_argument(
-        "--align", choices=("number", "sequence"), default="number",
-        help="residue correspondence: residue number + insertion code (like TMscore) or a global "
-        "sequence alignment (like TMscore -seq)",
+        "--align", choices=("auto", "index", "number", "sequence"), default="auto",
+        help="residue correspondence: the deposited-sequence index (both chains carry the same SEQRES/mmCIF "
+        "sequence, e.g. a `foldtune predict` PDB vs its dataset native), residue number + insertion code (like "
+        "TMscore), a global sequence alignment (like TMscore -seq); auto (default): index when possible, else number",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--pairs", help="batch mode: CSV with columns id,model,ref[,chain1,chain2]")
