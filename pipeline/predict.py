@@ -100,7 +100,8 @@ def chain_from_sequence(chain_id: str, sequence: str) -> ProteinChain:
     length = len(aatype)
     return ProteinChain(
         pdb_id=chain_id, chain="A", model=1, sequence=sequence.upper(), aatype=aatype,
-        residue_index=np.arange(1, length + 1, dtype=np.int64), insertion_code=np.full(length, "", dtype="<U1"),
+        residue_index=np.arange(length, dtype=np.int64), insertion_code=np.full(length, "", dtype="<U1"),
+        author_number=np.arange(1, length + 1, dtype=np.int64),
         atom37_positions=np.zeros((length, 37, 3), np.float32), atom37_mask=np.zeros((length, 37), np.float32),
         b_factors=np.zeros((length, 37), np.float32), method=None, resolution=None, release_date=None,
         source_file="",
