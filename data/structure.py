@@ -261,6 +261,15 @@ def _pdb_metadata(header: dict) -> dict:
     }
 
 
+def _deposited(reader, source, what: str) -> tuple[dict[str, DepositedSequence], str]:
+    """Deposited sequences by chain id, and the note for chains without one; a garbled table is noted, not fatal."""
+    try:
+        sequences = reader(source, MODIFIED_PARENT)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        return {}, f"{what} unreadable ({type(exc).__name__}: {exc})"
+    return sequences, f"no {what} in the file"
+
+
 def _parse(path: Path):
     """(Biopython Structure, metadata dict, deposited sequences by chain id, why there are none) for a PDB
     or mmCIF file."""
@@ -276,14 +285,12 @@ def _parse(path: Path):
                 parser = MMCIFParser(QUIET=True)
                 structure = parser.get_structure(path.stem, io.StringIO(text))
                 metadata = _mmcif_metadata(parser._mmcif_dict)
-                deposited = mmcif_sequences(parser._mmcif_dict, MODIFIED_PARENT)
-                missing = "no _pdbx_poly_seq_scheme in the file"
+                deposited, missing = _deposited(mmcif_sequences, parser._mmcif_dict, "_pdbx_poly_seq_scheme")
             else:
                 _check_pdb_records(text, path)
                 structure = PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(text))
                 metadata = _pdb_metadata(structure.header)
-                deposited = seqres_sequences(text, MODIFIED_PARENT)
-                missing = "no SEQRES records in the file"
+                deposited, missing = _deposited(seqres_sequences, text, "SEQRES records")
         except ValueError as exc:
             if str(exc).startswith(str(path)):
                 raise

@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DATASET", help="dataset directory to write")
     parser.add_argument("--chains-file", metavar="CSV", help="CSV with columns file,chain: only these chains")
     parser.add_argument("--model", type=int, default=1, help="model number (1-based) of multi-model files")
-    parser.add_argument("--min-len", type=int, default=16, help="minimum chain length (residues with CA)")
-    parser.add_argument("--max-len", type=int, default=1024, help="maximum chain length (0 = no limit)")
+    parser.add_argument("--min-len", type=int, default=16, help="minimum chain length (full deposited length)")
+    parser.add_argument("--max-len", type=int, default=1024,
+                        help="maximum chain length (full deposited length; 0 = no limit)")
     parser.add_argument("--max-unknown", type=float, default=0.1, help="maximum fraction of X residues")
     parser.add_argument("--max-resolution", type=float, default=None,
                         help="maximum resolution in Å (chains without a resolution pass)")
