@@ -12,6 +12,7 @@ adapter bit for bit as an uninterrupted M-step run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import random
 import resource
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -86,6 +88,22 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 continue
             if local // self.world_size >= self.start:
                 yield batch
+
+
+class ShardBatchSampler(torch.utils.data.Sampler):
+    """Validation under DDP: rank r of W scores items r, r + W, ... in order, in batches of `batch_size`.
+    A rank left without items (fewer items than ranks) scores item r mod n again, so every rank runs the
+    validation loop; `gather_val_records` counts that chain once."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        indices = list(range(rank, n, world_size)) or [rank % n]
+        self.batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
 
 
 class EpochIndexed(torch.utils.data.Dataset):
@@ -224,23 +242,46 @@ class _Task(pl.LightningModule):
         self.best_val_tm = float("nan")
         self.last_train_loss = float("nan")
         self.train_seconds_before = 0.0
+        self.val_records: list[dict] = []  # this rank's validation batches, gathered at the epoch's end
 
     # -- randomness per step
-    def step_rng(self, salt: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg["trainer"]["seed"], salt, self.batches_seen])
+    def global_batch(self) -> int:
+        """Index of the global batch this rank is about to consume: rank r of W takes r, r + W, ... (the
+        sampler's order), so a W-rank run and a 1-rank run with accumulate = W see the same batches."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        return self.batches_seen * world + rank
 
-    def _guard(self, loss: torch.Tensor) -> torch.Tensor | None:
-        if torch.isfinite(loss):
+    def step_rng(self, salt: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg["trainer"]["seed"], salt, self.global_batch()])
+
+    def begin_step(self) -> None:
+        """Seed torch's global RNG (dropout) from (seed, global batch): the same on any rank count, and a
+        resumed run needs no RNG state from the other ranks."""
+        torch.manual_seed(int(self.step_rng(0).integers(2**62)))
+
+    def _guard(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(loss to backpropagate, finite?). The decision is taken over all ranks (a sum of bad flags): under
+        DDP a rank-local skip would hang the gradient all-reduce, and a rank-local abort the next collective.
+        A non-finite micro-batch backpropagates a zero that touches every trainable parameter (so DDP sees
+        all of them used) and an optimizer step made only of such micro-batches is skipped."""
+        bad_here = not bool(torch.isfinite(loss.detach()))
+        flag = torch.tensor(float(bad_here), device=loss.device)
+        bad_ranks = int(self.trainer.strategy.reduce(flag, reduce_op="sum").item())  # in place under DDP
+        if not bad_ranks:
             self.bad_steps = 0
-            return loss
+            self._good_micro_batches = getattr(self, "_good_micro_batches", 0) + 1
+            return loss, True
         self.bad_steps += 1
         limit = self.cfg["trainer"]["max_bad_steps"]
-        warnings.warn(f"step {self.global_step}: non-finite loss ({loss.detach().item()}); step skipped "
+        where = f"non-finite loss ({loss.detach().item()})" if bad_here else "non-finite loss on another rank"
+        warnings.warn(f"step {self.global_step}: {where}; step skipped on all {self.trainer.world_size} rank(s) "
                       f"({self.bad_steps}/{limit} in a row)", RuntimeWarning, stacklevel=2)
         if self.bad_steps >= limit:
             self.aborted = True
             self.trainer.should_stop = True
-        return None
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in trainable]).sum() * 0.0, False
 
     def configure_optimizers(self):
         tcfg = self.cfg["trainer"]
@@ -254,13 +295,36 @@ class _Task(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        good, self._good_micro_batches = getattr(self, "_good_micro_batches", 0), 0
+        if not good:  # every micro-batch of this step was non-finite (on some rank): no update at all
+            for p in self.model.parameters():
+                p.grad = None
+            return
         # A finite loss can still give inf/NaN gradients (fp16 overflow is handled by the scaler): drop them.
-        # One fused norm over every gradient (inf/NaN propagate into it) instead of a check per tensor.
+        # One fused norm over every gradient (inf/NaN propagate into it) instead of a check per tensor. Under
+        # DDP the gradients are already all-reduced, so every rank decides alike.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             warnings.warn(f"step {self.global_step}: non-finite gradient; update skipped", RuntimeWarning)
             for p in self.model.parameters():
                 p.grad = None
+
+    # -- validation: each rank scores its shard; the metrics are computed once from all ranks' records
+    def val_metrics(self, records: list[dict]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_records = []
+
+    def on_validation_epoch_end(self) -> None:
+        records = gather_val_records(self.val_records, self.trainer.world_size)
+        self.val_records = []
+        if not records:
+            return
+        # Identical on every rank (computed from the same gathered records): no further reduction.
+        for name, value in self.val_metrics(records).items():
+            self.log(name, value, prog_bar=name in ("val_tm_score", "val_nll"), sync_dist=False,
+                     rank_zero_only=False)
 
     # -- checkpoints hold trainable params + our counters + RNG
     def trainable_keys(self) -> set[str]:
@@ -272,7 +336,8 @@ class _Task(pl.LightningModule):
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["foldtune"] = {
-            "batches_seen": self.batches_seen,
+            "batches_seen": self.batches_seen,  # per rank
+            "world_size": self.trainer.world_size,
             "bad_steps": self.bad_steps,
             "best_val_tm": self.best_val_tm,
             "last_train_loss": self.last_train_loss,
@@ -287,6 +352,13 @@ class _Task(pl.LightningModule):
             raise ValueError(f"checkpoint: missing trainable tensors {sorted(missing)[:3]} (config changed since?)")
         state = checkpoint.get("foldtune", {})
         self.batches_seen = state.get("batches_seen", 0)
+        saved_world, world = state.get("world_size", 1), self.trainer.world_size
+        if saved_world != world:  # the same global batches continue on another number of ranks
+            consumed = self.batches_seen * saved_world
+            if consumed % world:
+                raise ValueError(f"--resume: the checkpoint consumed {consumed} global batches on {saved_world} "
+                                 f"rank(s), not a multiple of the {world} rank(s) now; resume on {saved_world}")
+            self.batches_seen = consumed // world
         self.bad_steps = state.get("bad_steps", 0)
         self.best_val_tm = state.get("best_val_tm", float("nan"))
         self.last_train_loss = state.get("last_train_loss", float("nan"))
@@ -307,6 +379,23 @@ class _Task(pl.LightningModule):
             self._pending_rng = None
 
 
+def gather_val_records(records: list[dict], world_size: int) -> list[dict]:
+    """Every rank's validation records, each chain counted once: a rank whose shard was padded with an
+    already scored chain (fewer chains than ranks) contributes that batch only once."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * world_size
+        torch.distributed.all_gather_object(parts, records)
+        records = [r for part in parts for r in part]
+    seen: set[str] = set()
+    kept = []
+    for record in records:
+        if set(record["chains"]) <= seen:
+            continue
+        seen.update(record["chains"])
+        kept.append(record)
+    return kept
+
+
 class FoldingTask(_Task):
     """Structure fine-tuning: `folding_loss` on cropped chains with sampled recycles; validation
     TM-score and CA-lDDT of the final structure on held-out chains."""
@@ -322,11 +411,12 @@ class FoldingTask(_Task):
     def training_step(self, batch: dict, batch_idx: int):
         low, high = self.cfg["trainer"]["recycles"]
         recycles = int(self.step_rng(1).integers(low, high + 1))
+        self.begin_step()
         self.batches_seen += 1
         total, terms, _ = self.compute_loss(batch, recycles)
-        loss = self._guard(total.float())
-        if loss is None:
-            return None
+        loss, finite = self._guard(total.float())
+        if not finite:
+            return loss
         self.last_train_loss = float(loss.detach())
         size = len(batch["chain_id"])
         self.log("train_loss", loss.detach(), prog_bar=True, batch_size=size)
@@ -338,11 +428,17 @@ class FoldingTask(_Task):
         high = self.cfg["trainer"]["recycles"][1]
         total, _, outputs = self.compute_loss(batch, high)
         quality = structure_quality(outputs.positions[-1][..., _CA, :], batch)
-        size = len(batch["chain_id"])
-        self.log("val_loss", total.float(), batch_size=size, sync_dist=True)
-        self.log("val_tm_score", float(np.mean(quality["tm_score"])), batch_size=size, sync_dist=True,
-                 prog_bar=True)
-        self.log("val_lddt_ca", float(np.mean(quality["lddt_ca"])), batch_size=size, sync_dist=True)
+        self.val_records.append({"chains": list(batch["chain_id"]), "loss": float(total.float()),
+                                 "per_chain": {"val_tm_score": quality["tm_score"],
+                                               "val_lddt_ca": quality["lddt_ca"]}})
+
+    def val_metrics(self, records: list[dict]) -> dict[str, float]:
+        """val_loss: mean over batches weighted by their chains; TM-score / CA-lDDT: mean over chains."""
+        chains = sum(len(r["chains"]) for r in records)
+        metrics = {"val_loss": sum(r["loss"] * len(r["chains"]) for r in records) / chains}
+        for name in ("val_tm_score", "val_lddt_ca"):
+            metrics[name] = float(np.mean([v for r in records for v in r["per_chain"][name]]))
+        return metrics
 
 
 def structure_quality(pred_ca: torch.Tensor, batch: dict) -> dict[str, list[float]]:
@@ -368,13 +464,14 @@ class LMTask(_Task):
         from pipeline.lm import mask_tokens, masked_lm_loss
 
         generator = torch.Generator().manual_seed(int(self.step_rng(2).integers(2**62)))
+        self.begin_step()
         self.batches_seen += 1
         masked, targets = mask_tokens(batch["tokens"], generator)
         logits = self.model(masked)["logits"]
         loss, _ = masked_lm_loss(logits, targets)
-        loss = self._guard(loss)
-        if loss is None:
-            return None
+        loss, finite = self._guard(loss)
+        if not finite:
+            return loss
         self.last_train_loss = float(loss.detach())
         self.log("train_loss", loss.detach(), prog_bar=True, batch_size=len(batch["chain_id"]))
         return loss
@@ -382,11 +479,13 @@ class LMTask(_Task):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         from pipeline.lm import contact_map, contact_precision, mask_tokens, masked_lm_loss
 
-        generator = torch.Generator().manual_seed(self.cfg["trainer"]["seed"] * 1000003 + batch_idx)
+        # The masking of a batch depends on its chains, not on its position in this rank's shard.
+        chains_key = zlib.crc32(",".join(batch["chain_id"]).encode())
+        generator = torch.Generator().manual_seed(self.cfg["trainer"]["seed"] * 1000003 + chains_key)
         masked, targets = mask_tokens(batch["tokens"], generator)
         loss, count = masked_lm_loss(self.model(masked)["logits"], targets)
-        self.log("val_nll", loss, batch_size=count, sync_dist=True)
         contacts = self.model(batch["tokens"], return_contacts=True)["contacts"]
+        per_chain: dict[str, list[float]] = {"val_contact_p_at_l": [], "val_contact_p_at_l5": []}
         for row, chain_id in enumerate(batch["chain_id"]):
             chain = self.val_chains.get(chain_id)
             if chain is None:
@@ -397,13 +496,22 @@ class LMTask(_Task):
                 continue
             precision = contact_precision(contacts[row, :length, :length], native, present)
             if not math.isnan(precision["P@L"]):
-                self.log("val_contact_p_at_l", precision["P@L"], batch_size=1, sync_dist=True)
-                self.log("val_contact_p_at_l5", precision["P@L/5"], batch_size=1, sync_dist=True)
+                per_chain["val_contact_p_at_l"].append(precision["P@L"])
+                per_chain["val_contact_p_at_l5"].append(precision["P@L/5"])
+        self.val_records.append({"chains": list(batch["chain_id"]), "nll_sum": float(loss) * int(count),
+                                 "count": int(count), "per_chain": per_chain})
 
-    def on_validation_epoch_end(self) -> None:
-        nll = self.trainer.callback_metrics.get("val_nll")
-        if nll is not None:
-            self.log("val_perplexity", float(torch.exp(nll)), sync_dist=False)
+    def val_metrics(self, records: list[dict]) -> dict[str, float]:
+        """val_nll: mean over all masked tokens; perplexity = exp(val_nll); contact precision: mean over the
+        chains that have long-range contacts."""
+        count = sum(r["count"] for r in records)
+        nll = sum(r["nll_sum"] for r in records) / max(count, 1)
+        metrics = {"val_nll": nll, "val_perplexity": math.exp(nll)}
+        for name in ("val_contact_p_at_l", "val_contact_p_at_l5"):
+            values = [v for r in records for v in r["per_chain"][name]]
+            if values:
+                metrics[name] = float(np.mean(values))
+        return metrics
 
 
 class RunCheckpoints(pl.Callback):
@@ -456,6 +564,22 @@ class RunCheckpoints(pl.Callback):
         if getattr(self, "_saved_at", None) != trainer.global_step:
             self._save(trainer, "last.ckpt")
         self._export(trainer, task)
+
+
+class JobDeadline(pl.Callback):
+    """Stop at an optimizer-step boundary once the wall clock passes `deadline` (epoch seconds), e.g. before a
+    SLURM job's time limit: `RunCheckpoints.on_train_end` then writes last.ckpt and the run is incomplete
+    (no summary.json), so a rerun resumes it. Every rank stops at the same step (any rank past it stops all)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.reached = False
+
+    def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self.reached:
+            return
+        if trainer.strategy.reduce_boolean_decision(time.time() >= self.deadline, all=False):
+            self.reached = trainer.should_stop = True
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -536,9 +660,45 @@ class _Data(pl.LightningDataModule):
     def val_dataloader(self):
         if self.val_set is None:
             return []
-        return torch.utils.data.DataLoader(self.val_set, batch_size=self.cfg["data"]["batch_size"],
-                                           shuffle=False, collate_fn=self.collate,
+        sampler = ShardBatchSampler(len(self.val_set), self.cfg["data"]["batch_size"],
+                                    rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        return torch.utils.data.DataLoader(self.val_set, batch_sampler=sampler, collate_fn=self.collate,
                                            num_workers=self.cfg["data"]["num_workers"])
+
+
+def _devices_and_strategy(tcfg: dict, on_gpu: bool) -> tuple[Any, Any]:
+    """Lightning's `devices` and `strategy`. `devices: auto` = every visible GPU, or 1 process on CPU; more
+    than one process (or node) is DDP over NCCL (GPU) or gloo (CPU), with the same settings whether the count
+    was given or found: `find_unused_parameters` because which parameters get a gradient varies by step
+    (the sampled recycles; heads such as ptm_head that no loss reaches), and no buffer broadcast (buffers are
+    constants here), so validation forwards need no collective and ranks may score different batch counts."""
+    devices = tcfg["devices"]
+    if devices == "auto":
+        devices = torch.cuda.device_count() if on_gpu else 1
+    if isinstance(devices, list) and not on_gpu:
+        raise ValueError(f"trainer.devices: {devices}: a list of device ids needs GPUs; on CPU give a process count")
+    count = len(devices) if isinstance(devices, list) else devices
+    strategy: Any = tcfg["strategy"]
+    if strategy in ("auto", "ddp") and (count > 1 or tcfg["num_nodes"] > 1):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        environment = None
+        if os.environ.get("SLURM_NTASKS") == "1":
+            # A one-task SLURM job (what the workflow submits: one task holding N GPUs): Lightning would take
+            # SLURM as the launcher of the ranks and wait for N tasks; here it starts the N processes itself.
+            from lightning.fabric.plugins.environments import LightningEnvironment
+
+            environment = LightningEnvironment()
+        strategy = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", find_unused_parameters=True,
+                               broadcast_buffers=False, cluster_environment=environment)
+    return devices, strategy
+
+
+def launched_rank() -> int:
+    """This process's rank before the Trainer exists. Lightning starts ranks > 0 by rerunning the command
+    (LOCAL_RANK / NODE_RANK set), srun starts every task (SLURM_PROCID): those must not touch the run
+    directory before `fit` (rank 0 owns config dumps, log rotation and moving an old run aside)."""
+    return max(int(os.environ.get(name) or 0) for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _peak_memory_mb(on_gpu: bool) -> float:
@@ -547,8 +707,10 @@ def _peak_memory_mb(on_gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback] = ()) -> TrainResult:
-    """Run one resolved training config; write the run directory; return the summary."""
+def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback] = (),
+          deadline: float | None = None) -> TrainResult:
+    """Run one resolved training config; write the run directory; return the summary. With `deadline`
+    (epoch seconds) training stops there, checkpointed, as `status: stopped_at_deadline` without summary.json."""
     run_dir = Path(cfg["output_dir"])
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if resume and not ckpt.is_file():
@@ -565,11 +727,13 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
 
     pl.seed_everything(tcfg["seed"], workers=True, verbose=False)
     model, base_names = _build(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _keep_previous_logs(run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
+    if launched_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _keep_previous_logs(run_dir)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
+        atomic_write_text(run_dir / INPUTS_FILE, json.dumps(run_inputs(cfg), indent=2) + "\n")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters())
@@ -604,18 +768,13 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
                                                     default_hp_metric=False))
     except ImportError:
         pass
-    strategy: Any = tcfg["strategy"]
-    devices = tcfg["devices"]
-    multi = tcfg["num_nodes"] > 1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, list) and len(devices) > 1
-    if on_gpu and strategy in ("auto", "ddp") and multi:
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = DDPStrategy(find_unused_parameters=True)  # e.g. ptm_head gets no loss gradient
+    devices, strategy = _devices_and_strategy(tcfg, on_gpu)
     has_val = data.val_set is not None and len(data.val_set) > 0
+    stop = JobDeadline(deadline) if deadline is not None else None
     accumulate = tcfg["accumulate"]
     trainer = pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
-        devices=devices if on_gpu else 1,
+        devices=devices,
         num_nodes=tcfg["num_nodes"],
         strategy=strategy,
         precision=_precision(cfg, on_gpu),
@@ -629,7 +788,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         num_sanity_val_steps=0,
         logger=loggers,
         log_every_n_steps=1,
-        callbacks=[RunCheckpoints(run_dir, tcfg["checkpoint_every_n_steps"], cfg["adapter"]), *extra_callbacks],
+        callbacks=[RunCheckpoints(run_dir, tcfg["checkpoint_every_n_steps"], cfg["adapter"]), *extra_callbacks,
+                   *([stop] if stop else [])],
         enable_checkpointing=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
@@ -646,12 +806,72 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
                "final_train_loss": None if math.isnan(task.last_train_loss) else task.last_train_loss,
                "best_val_tm_score": None if (cfg["kind"] != "fold" or math.isnan(task.best_val_tm))
                else task.best_val_tm,
-               "status": "aborted_nonfinite_loss" if task.aborted else "finished",
+               "status": "aborted_nonfinite_loss" if task.aborted else
+               "stopped_at_deadline" if stop and stop.reached and trainer.global_step < tcfg["max_steps"] else "finished",
                "precision": _precision(cfg, on_gpu), "device": "gpu" if on_gpu else "cpu"}
     if trainer.is_global_zero:
         _flatten_metrics(run_dir)
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if summary["status"] != "stopped_at_deadline":  # an incomplete run has no summary: it is not an output yet
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(run_dir, summary, aborted=task.aborted, model=task.model)
+
+
+INPUTS_FILE = "inputs.json"
+# Settings that change how fast a run goes, not what it computes: a rerun may differ in them and still resume.
+RUNTIME_KEYS = (("trainer", "threads"), ("data", "num_workers"))
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_inputs(cfg: dict) -> dict:
+    """What a run's result depends on: the resolved config (without `RUNTIME_KEYS`) and the digests of the
+    files it reads whose names do not change when their contents do (dataset manifest, splits, base run)."""
+    canonical = json.loads(json.dumps(cfg, default=str))
+    for section, key in RUNTIME_KEYS:
+        canonical.get(section, {}).pop(key, None)
+    files = {"data.splits": Path(cfg["data"]["splits"]), "data.dataset": Path(cfg["data"]["dataset"]) / "manifest.csv"}
+    if cfg["model"].get("base_run"):
+        import adapters
+
+        files["model.base_run"] = Path(cfg["model"]["base_run"]) / "adapter" / adapters.WEIGHTS_NAME
+    config_digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+    return {"config": config_digest, "files": {name: _file_digest(path) for name, path in files.items()}}
+
+
+def prepare_rerun(cfg: dict) -> bool:
+    """`foldtune train --rerun` (what the workflow runs, so a killed or retried job picks up its work):
+    True = resume OUTPUT_DIR's run, whose recorded inputs equal this config's; otherwise an existing run is
+    moved aside to OUTPUT_DIR.replaced/<UTC time>/ (nothing is deleted) and False = start clean. A run
+    directory without a checkpoint has nothing to resume and is started again in place."""
+    run_dir = Path(cfg["output_dir"])
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return False
+    recorded = run_dir / INPUTS_FILE
+    try:
+        same = json.loads(recorded.read_text()) == run_inputs(cfg)
+    except (OSError, ValueError):
+        same = False
+    if same or launched_rank() != 0:  # ranks > 0 start after rank 0 decided: a checkpoint now means resume
+        return True
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = run_dir.with_name(run_dir.name + ".replaced") / stamp
+    for n in range(1, 1000):
+        if not aside.exists():
+            break
+        aside = aside.with_name(f"{stamp}.{n}")
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run_dir, aside)
+    log.warning("%s: config or inputs changed since this run started: moved it to %s, starting clean",
+                run_dir, aside)
+    return False
 
 
 def _keep_previous_logs(run_dir: Path) -> None:

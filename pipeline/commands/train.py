@@ -12,6 +12,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config YAML (docs/training.md)")
     parser.add_argument("--section", help="read the mapping under this top-level key of the file")
     parser.add_argument("--resume", action="store_true", help="continue OUTPUT_DIR/checkpoints/last.ckpt")
+    parser.add_argument("--rerun", action="store_true",
+                        help="resume OUTPUT_DIR's run if it was started with this same config and inputs, else move "
+                             "it aside to OUTPUT_DIR.replaced/ and start clean (what the workflow runs)")
+    parser.add_argument("--deadline", metavar="auto|SECONDS",
+                        help="stop (checkpointed, exit 4, no summary.json) at this wall time: SECONDS from now, or "
+                             "`auto` = before the time limit of the SLURM job this runs in (none outside SLURM)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, values parsed as YAML (adapter.rank=4 trainer.recycles=[0,3])")
@@ -29,15 +35,33 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    try:
+        deadline = resolve_deadline(args.deadline)
+    except ValueError as exc:
+        print(f"foldtune train: --deadline: {exc}", file=sys.stderr)
+        return 2
+    if args.rerun and args.resume:
+        print("foldtune train: --rerun decides whether to resume by itself; pass it without --resume", file=sys.stderr)
+        return 2
+
     from pipeline.models import ModelSourceError
-    from pipeline.train import train
+    from pipeline.train import prepare_rerun, train
 
     try:
-        result = train(cfg, resume=args.resume)
+        resume = prepare_rerun(cfg) if args.rerun else args.resume
+        result = train(cfg, resume=resume, deadline=deadline)
+    except OSError as exc:
+        print(f"foldtune train: {exc.filename or cfg['output_dir']}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except (ConfigError, ModelSourceError, ValueError) as exc:
         print(f"foldtune train: {exc}", file=sys.stderr)
         return 2
     summary = result.summary
+    if summary["status"] == "stopped_at_deadline":
+        print(f"foldtune train: stopped at the deadline at step {summary['steps']} of {cfg['trainer']['max_steps']}; "
+              f"checkpointed: {result.run_dir}/checkpoints/last.ckpt (rerun with --rerun or --resume to continue)",
+              file=sys.stderr)
+        return 4
     if result.aborted:
         print(f"foldtune train: aborted after {cfg['trainer']['max_bad_steps']} non-finite losses in a row at "
               f"step {summary['steps']}; last good checkpoint: {result.run_dir}/checkpoints/last.ckpt",
@@ -47,3 +71,48 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['steps']} steps in {summary['train_seconds']:.1f} s; final loss {summary['final_train_loss']}; "
           f"best val TM {summary['best_val_tm_score']} -> {result.run_dir}")
     return 0
+
+
+def _slurm_seconds(text: str) -> float | None:
+    """squeue's %L (time left): [days-]hours:minutes:seconds, minutes:seconds, or UNLIMITED/NOT_SET."""
+    text = text.strip()
+    if not text or not text[0].isdigit():
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    hours, minutes, seconds = parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def resolve_deadline(value: str | None) -> float | None:
+    """--deadline -> epoch seconds (None: no deadline). `auto` asks squeue for the current SLURM job's time
+    left and keeps a margin (5 %, 30 s to 5 min) for the last checkpoint and the exit."""
+    import os
+    import subprocess
+    import time
+
+    if value is None:
+        return None
+    if value != "auto":
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r}: expected `auto` or a number of seconds") from None
+        if not seconds > 0:
+            raise ValueError(f"{value!r}: must be > 0 seconds")
+        return time.time() + seconds
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        left = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        print(f"foldtune train: --deadline auto: squeue did not answer for job {job}; no deadline", file=sys.stderr)
+        return None
+    seconds = _slurm_seconds(left)
+    if seconds is None:
+        return None
+    return time.time() + seconds - min(300.0, max(30.0, 0.05 * seconds))
