@@ -1,0 +1,129 @@
+"""`foldtune train --rerun` (what the workflow's train/base rules run) and `--deadline`: a killed job resumes
+when its config and inputs are unchanged, a changed one starts clean with the old run moved aside, and a job
+stopped at its deadline is checkpointed, incomplete, and resumable."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from pipeline.commands.train import _slurm_seconds, resolve_deadline
+from pipeline.config import resolve
+from pipeline.train import train
+from tests._train_helpers import make_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerun")
+    return make_dataset(root / "dataset", [("1l2y.pdb", "train"), ("1vii.pdb", "train")])
+
+
+def _cfg(dataset, out, **trainer) -> dict:
+    ds, splits = dataset
+    return resolve({
+        "adapter": {"method": "lora", "rank": 2, "alpha": 4},
+        "data": {"dataset": str(ds), "splits": str(splits), "crop_size": 16, "batch_size": 1, "val_split": None},
+        "trainer": {"max_steps": 5, "lr": 3e-3, "warmup_steps": 0, "checkpoint_every_n_steps": 2, "threads": 1,
+                    **trainer},
+        "output_dir": str(out),
+    })
+
+
+class _Kill(pl.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated kill")
+
+
+def _write(cfg: dict, path) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _weights(run_dir) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_rerun_resumes_a_killed_run_with_the_same_config(dataset, tmp_path):
+    reference = train(_cfg(dataset, tmp_path / "full"))
+    cfg = _cfg(dataset, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(cfg, extra_callbacks=[_Kill(3)])
+    # The workflow's command: same config file; only a runtime setting (threads) differs.
+    config = _write({**cfg, "trainer": {**cfg["trainer"], "threads": 2}}, tmp_path / "cfg.yaml")
+    assert main(["train", "--config", config, "--rerun", "trainer.threads=1"]) == 0
+    assert not (tmp_path / "run.replaced").exists()
+    assert (tmp_path / "run" / "logs" / "metrics.part000.csv").is_file()  # the killed part's log was resumed
+    full, resumed = _weights(reference.run_dir), _weights(tmp_path / "run")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # A rerun of the finished run (Snakemake forced it, same config): resumes at max_steps, same result.
+    assert main(["train", "--config", config, "--rerun"]) == 0
+    assert all(torch.equal(full[k], v) for k, v in _weights(tmp_path / "run").items())
+
+
+def test_rerun_with_a_changed_config_or_input_starts_clean(dataset, tmp_path):
+    cfg = _cfg(dataset, tmp_path / "run")
+    train(cfg)
+    old = _weights(tmp_path / "run")
+    changed = _write({**cfg, "trainer": {**cfg["trainer"], "lr": 1e-3}}, tmp_path / "cfg.yaml")
+    assert main(["train", "--config", changed, "--rerun"]) == 0
+    aside = list((tmp_path / "run.replaced").iterdir())
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "last.ckpt").is_file()  # nothing deleted
+    assert all(torch.equal(old[k], v) for k, v in _weights(aside[0]).items())
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trainer"]["lr"] == 1e-3
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 5 and not list((tmp_path / "run" / "logs").glob("metrics.part*.csv"))  # clean
+    # Same config text, but an input file changed (the splits): also a new run.
+    splits = dataset[1]
+    original = splits.read_text()
+    try:
+        splits.write_text(original.replace("1vii_A,train", "1vii_A,val"))
+        assert main(["train", "--config", changed, "--rerun"]) == 0
+    finally:
+        splits.write_text(original)
+    assert len(list((tmp_path / "run.replaced").iterdir())) == 2
+    inputs = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert set(inputs["files"]) == {"data.splits", "data.dataset"} and all(inputs["files"].values())
+
+
+def test_deadline_stops_checkpointed_and_a_rerun_finishes(dataset, tmp_path, capsys):
+    cfg = _cfg(dataset, tmp_path / "run", max_steps=40, checkpoint_every_n_steps=100)
+    config = _write(cfg, tmp_path / "cfg.yaml")
+    assert main(["train", "--config", config, "--rerun", "--deadline", "0.01"]) == 4
+    assert "stopped at the deadline at step 1 of 40" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 1 and not (tmp_path / "run" / "summary.json").exists()  # incomplete
+    assert main(["train", "--config", config, "--rerun"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 40
+
+
+@pytest.mark.parametrize("text, seconds", [("1-02:03:04", 93784), ("02:03:04", 7384), ("3:04", 184),
+                                            ("0:00", 0), ("UNLIMITED", None), ("NOT_SET", None), ("", None)])
+def test_squeue_time_left(text, seconds):
+    assert _slurm_seconds(text) == seconds
+
+
+def test_deadline_auto_outside_slurm_is_none(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert resolve_deadline("auto") is None and resolve_deadline(None) is None
+
+
+def test_deadline_and_rerun_arguments_are_checked(dataset, tmp_path, capsys):
+    config = _write(_cfg(dataset, tmp_path / "run"), tmp_path / "cfg.yaml")
+    assert main(["train", "--config", config, "--deadline", "soon"]) == 2
+    assert main(["train", "--config", config, "--deadline", "-5"]) == 2
+    assert main(["train", "--config", config, "--rerun", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--deadline: 'soon': expected `auto` or a number of seconds" in err and "must be > 0" in err
+    assert "pass it without --resume" in err
