@@ -62,7 +62,7 @@ def test_workflow_end_to_end(tmp_path: Path):
 
 
 
-def check_outputs(tmp_path: Path, config: Path) -> None:
+def check_outputs(tmp_path: Path, config: Path, lora_steps: int = 3) -> None:
     exp = tmp_path / "results" / "micro"
     manifest = pd.read_csv(exp / "dataset" / "manifest.csv")
     assert sorted(manifest.chain_id) == ["1ejg_A", "1ubi_A", "1vii_A", "2q2k_A"]
@@ -77,7 +77,7 @@ def check_outputs(tmp_path: Path, config: Path) -> None:
         assert summary["method"] == method
         if method == "lora":
             assert summary["rank"] == 2 and 0 < summary["trainable_params"] < summary["total_params"]
-            assert summary["steps"] == 3
+            assert summary["steps"] == lora_steps
         if method == "none":
             assert summary["trainable_params"] == 0 and summary["steps"] == 0
     lora_config = yaml.safe_load((exp / "runs" / "lora_r2_s0" / "config.yaml").read_text())

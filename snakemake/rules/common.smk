@@ -247,6 +247,20 @@ def train_digest(wildcards) -> str:
     return _section_digest("training")
 
 
+def model_gpus(section: str) -> int:
+    """GPUs (= DDP processes) of a model job: the section's trainer.devices when it is a count, else 1."""
+    devices = ((config.get(section) or {}).get("trainer") or {}).get("devices", "auto")
+    if isinstance(devices, list):
+        return max(1, len(devices))
+    return devices if isinstance(devices, int) and devices > 0 else 1
+
+
+def rank_threads(wildcards, output, threads) -> int:
+    """Torch threads per DDP process: the job's threads shared by its processes."""
+    section = "base_training" if Path(output[0]).parent == Path(BASE_RUN) else "training"
+    return max(1, threads // model_gpus(section))
+
+
 def predict_args(wildcards) -> str:
     evaluate = config["evaluate"]
     args = []

@@ -10,23 +10,6 @@
 # its SLURM time limit (exit 4, no summary.json), so the profile's `retries` resubmit it and it resumes.
 
 
-def model_gpus(section: str) -> int:
-    devices = ((config.get(section) or {}).get("trainer") or {}).get("devices", "auto")
-    if isinstance(devices, list):
-        return max(1, len(devices))
-    return devices if isinstance(devices, int) and devices > 0 else 1
-
-
-def rank_threads_base(wildcards, threads) -> int:
-    """Torch threads per DDP process: the job's threads shared by its processes."""
-    return max(1, threads // model_gpus("base_training"))
-
-
-def rank_threads_train(wildcards, threads) -> int:
-    return max(1, threads // model_gpus("training"))
-
-
-
 rule base:
     input:
         manifest=MANIFEST,
@@ -37,7 +20,7 @@ rule base:
         config=RESOLVED_CONFIG,
         overrides=base_overrides,
         digest=base_digest,
-        rank_threads=rank_threads_base,
+        rank_threads=rank_threads,
     log:
         f"{LOGS}/train/base.log",
     # The base is the critical path: start it before the quick side jobs (baselines, scoring).
@@ -63,7 +46,7 @@ rule train:
         config=RESOLVED_CONFIG,
         overrides=train_overrides,
         digest=train_digest,
-        rank_threads=rank_threads_train,
+        rank_threads=rank_threads,
     log:
         f"{LOGS}/train/{{run}}.log",
     priority: 10

@@ -11,14 +11,16 @@
 # - writes /etc/slurm/slurm.conf (the plugin strips SLURM_* variables inside jobs, so SLURM_CONF cannot point
 #   elsewhere) and gres.conf, refusing to overwrite files it did not write itself;
 # - one node (this host) with every CPU and the memory minus 1 GiB, in two partitions `cpu` (default) and
-#   `gpu` (the names the profile uses); `gres gpu:1` backed by /dev/null, so rules asking for a GPU are
-#   scheduled on a GPU-less machine (SLURM then sets CUDA_VISIBLE_DEVICES, but there is no GPU);
+#   `gpu` (the names the profile uses); `gres gpu:N` backed by character devices such as /dev/null, so rules
+#   asking for GPUs are scheduled on a GPU-less machine (SLURM then sets CUDA_VISIBLE_DEVICES, but there is
+#   no GPU: code must not take that variable as proof of one);
 # - no accounting database (AccountingStorageType=accounting_storage/none; the profile checks job status
-#   with squeue) and MinJobAge=600, so squeue still shows finished jobs for 10 minutes;
+#   with squeue) and MinJobAge=3600, so squeue still shows finished jobs for an hour;
 # - starts slurmctld and slurmd in the foreground of their own background processes, records their pids in
 #   $STATE_DIR, and waits until `sinfo` shows the node idle and `srun true` runs.
 # Environment: FOLDTUNE_SLURM_STATE (default /var/lib/foldtune-slurm), FOLDTUNE_SLURM_CPUS (node CPUs;
-# default: nproc; more than the machine has lets more small jobs run at once), FOLDTUNE_SLURM_WAIT (seconds, 60).
+# default: nproc; more than the machine has lets more small jobs run at once), FOLDTUNE_SLURM_GPUS (fake GPUs,
+# 1-4, default 2: a 2-process DDP job can be scheduled), FOLDTUNE_SLURM_WAIT (seconds, 60).
 set -euo pipefail
 
 STATE_DIR=${FOLDTUNE_SLURM_STATE:-/var/lib/foldtune-slurm}
@@ -74,6 +76,9 @@ up() {
   host=$(hostname -s)
   cpus=${FOLDTUNE_SLURM_CPUS:-$(nproc)}
   mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
+  local gpus=${FOLDTUNE_SLURM_GPUS:-2} files=(/dev/null /dev/zero /dev/full /dev/urandom) gres_lines="" i
+  [[ $gpus =~ ^[1-4]$ ]] || die "FOLDTUNE_SLURM_GPUS=$gpus: expected 1 to 4"
+  for (( i = 0; i < gpus; i++ )); do gres_lines+="Name=gpu File=${files[i]}"$'\n'; done
 
   # munge: a key of our own unless the machine has one; munged runs as its Debian user.
   install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
@@ -106,23 +111,23 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# No accounting database: the profile polls squeue; keep finished jobs visible to it for 10 minutes.
+# No accounting database: the profile polls squeue; keep finished jobs visible to it (and to tests) for an hour.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-MinJobAge=600
+MinJobAge=3600
 KillWait=10
 # Accept the node's configured CPU count even when it is larger than the machine's (FOLDTUNE_SLURM_CPUS).
 SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:$gpus State=UNKNOWN
 PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$host Default=NO MaxTime=INFINITE State=UP
 EOF
   write_if_ours "$CONF_DIR/gres.conf" <<EOF
 $MARK (up); removed by \`down\`.
-# A GPU-less machine still offers gpu:1 so that rules with gres gpu:1 are scheduled.
-Name=gpu File=/dev/null
+# A GPU-less machine still offers gpu:$gpus (one character device each) so that GPU rules are scheduled.
+$gres_lines
 EOF
 
   start slurmctld slurmctld -D -i
@@ -137,7 +142,7 @@ EOF
     sleep 1
   done
   timeout 60 srun -N1 -n1 -t 1 true || die "srun does not run a job (logs in $STATE_DIR/log)"
-  say "up: node $host, $cpus CPUs, ${mem} MB, gres gpu:1; partitions cpu (default), gpu; state in $STATE_DIR"
+  say "up: node $host, $cpus CPUs, ${mem} MB, gres gpu:$gpus; partitions cpu (default), gpu; state in $STATE_DIR"
 }
 
 down() {
