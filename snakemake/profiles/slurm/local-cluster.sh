@@ -130,7 +130,7 @@ $MARK (up); removed by \`down\`.
 $gres_lines
 EOF
 
-  start slurmctld slurmctld -D -i
+  start slurmctld slurmctld -D -c   # -c: a fresh cluster, no jobs recovered from an earlier `up`
   start slurmd slurmd -D
   local waited=0
   until sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; do
@@ -148,7 +148,7 @@ EOF
 down() {
   [[ $(id -u) == 0 ]] || die "run as root"
   if alive slurmctld; then
-    scancel --cluster foldtune-local --full --quiet --user root 2>/dev/null || true  # our jobs: this is our cluster
+    scancel --quiet --user root 2>/dev/null || true  # our jobs: this cluster is ours
   fi
   local name pid n
   for name in slurmd slurmctld munged; do
