@@ -7,7 +7,8 @@ Exactness of resume: every random choice of a step is a function of (seed, step)
 permutation + crop via `FoldingDataset`'s (seed, epoch, index) crops), the number of recycles and the
 LM masking -- and the checkpoint holds the trainable parameters, optimizer, scheduler, global RNG states
 and the count of consumed batches. On CPU a run stopped after N steps and resumed to M gives the same
-adapter bit for bit as an uninterrupted M-step run.
+adapter bit for bit as an uninterrupted M-step run, also under DDP (`trainer.devices: N`, gloo on CPU) and
+gradient accumulation; docs/training.md, "Several processes", says what every rank decides alike.
 """
 
 from __future__ import annotations
@@ -243,6 +244,7 @@ class _Task(pl.LightningModule):
         self.last_train_loss = float("nan")
         self.train_seconds_before = 0.0
         self.val_records: list[dict] = []  # this rank's validation batches, gathered at the epoch's end
+        self._good_micro_batches = 0  # finite micro-batches (on every rank) since the last optimizer step
 
     # -- randomness per step
     def global_batch(self) -> int:
@@ -270,7 +272,7 @@ class _Task(pl.LightningModule):
         bad_ranks = int(self.trainer.strategy.reduce(flag, reduce_op="sum").item())  # in place under DDP
         if not bad_ranks:
             self.bad_steps = 0
-            self._good_micro_batches = getattr(self, "_good_micro_batches", 0) + 1
+            self._good_micro_batches += 1
             return loss, True
         self.bad_steps += 1
         limit = self.cfg["trainer"]["max_bad_steps"]
@@ -295,7 +297,7 @@ class _Task(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        good, self._good_micro_batches = getattr(self, "_good_micro_batches", 0), 0
+        good, self._good_micro_batches = self._good_micro_batches, 0
         if not good:  # every micro-batch of this step was non-finite (on some rank): no update at all
             for p in self.model.parameters():
                 p.grad = None
