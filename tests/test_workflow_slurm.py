@@ -131,3 +131,18 @@ def test_workflow_on_slurm_with_ddp_and_a_cancelled_training_job(tmp_path: Path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == LORA_STEPS
     assert 1 <= seen["at_step"] < LORA_STEPS
+
+
+def test_deadline_auto_reads_the_slurm_time_limit_inside_a_job():
+    """`foldtune train --deadline auto` inside a real job: squeue's time left of a 5-minute job, minus the
+    30 s margin (5 % of 300 s is less than the 30 s floor)."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"SLURM deadline test skipped: {missing}")
+    code = ("import time; from pipeline.commands.train import resolve_deadline; "
+            "print('LEFT', resolve_deadline('auto') - time.time())")
+    job = ["srun", "-t", "5", "-n", "1", "-J", f"foldtune-test-{time.time_ns()}", sys.executable, "-c", code]
+    result = subprocess.run(["timeout", "-k", "5", "120", *job], capture_output=True, text=True, timeout=150, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = float(re.search(r"LEFT (\S+)", result.stdout).group(1))
+    assert 300 - 30 - 60 < left <= 300 - 30, left  # up to a minute of queueing / start-up
