@@ -20,6 +20,7 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 import warnings
 import zlib
@@ -703,6 +704,24 @@ def launched_rank() -> int:
     return max(int(os.environ.get(name) or 0) for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
+def die_with_parent() -> None:
+    """Ranks > 0 (children of Lightning's launcher) and every process of a SLURM job get SIGKILL when their
+    parent dies: otherwise a killed launcher or a cancelled job (scancel sends SIGTERM, and the job's shell dies
+    first) leaves orphans that hold the run directory (measured under proctrack/linuxproc, which loses them).
+    Linux only (prctl PR_SET_PDEATHSIG); a no-op elsewhere."""
+    if not (launched_rank() > 0 or os.environ.get("SLURM_JOB_ID")) or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _peak_memory_mb(on_gpu: bool) -> float:
     if on_gpu:
         return torch.cuda.max_memory_allocated() / 2**20
@@ -720,6 +739,7 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
     if not resume and ckpt.is_file():
         raise ValueError(f"output_dir: {run_dir} already holds a run (checkpoints/last.ckpt); "
                          "pass --resume to continue it or choose another output_dir")
+    die_with_parent()
     tcfg = cfg["trainer"]
     on_gpu = torch.cuda.is_available()
     if not on_gpu:

@@ -149,6 +149,11 @@ down() {
   [[ $(id -u) == 0 ]] || die "run as root"
   if alive slurmctld; then
     scancel --quiet --user root 2>/dev/null || true  # our jobs: this cluster is ours
+    local n
+    for n in $(seq 30); do  # let slurmd end them (SIGTERM, KillWait, SIGKILL) before it stops
+      [[ -z $(squeue -h -t RUNNING,COMPLETING,PENDING -o %i 2>/dev/null) ]] && break
+      sleep 1
+    done
   fi
   local name pid n
   for name in slurmd slurmctld munged; do
