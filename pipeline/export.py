@@ -27,10 +27,10 @@ UPDATE_LOSS_WARN = 1e-3  # relative loss of the merged update above which export
 def export_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write RUN's adapter (LoRA on ESMFold) in peft's format; ValueError when peft cannot express it."""
     import adapters
-    from pipeline.predict import _read_run_config, load_run_model
+    from pipeline.predict import read_run_config, load_run_model
 
     run_dir = Path(run_dir)
-    cfg = _read_run_config(run_dir)
+    cfg = read_run_config(run_dir)
     model = load_run_model(run_dir)
     adapters.save_peft(model, out_dir, base_model_name_or_path=_base_name(cfg["model"]))
     return Path(out_dir)
@@ -83,10 +83,10 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """
     import adapters
     from adapters.layer import adapted_linears
-    from pipeline.predict import _read_run_config, load_run_model
+    from pipeline.predict import read_run_config, load_run_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = _read_run_config(run_dir)
+    cfg = read_run_config(run_dir)
     model = load_run_model(run_dir).float()
     stored = stored_dtypes(cfg["model"])
     deltas = {f"{path}.weight": adapter.get_delta_weight().detach() for path, _, adapter in adapted_linears(model)}

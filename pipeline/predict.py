@@ -133,7 +133,7 @@ def targets_from_fasta(path: str | Path) -> list[Target]:
 
 # --------------------------------------------------------------------------------- models
 
-def _read_run_config(run_dir: Path) -> dict:
+def read_run_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ValueError(f"{path}: config: not found (is {run_dir} a foldtune run?)")
@@ -157,7 +157,7 @@ def load_base_model(cfg: dict):
 def load_run_model(run_dir: str | Path, merged: bool = False, force: bool = False):
     """Rebuild a run's base model from RUN/config.yaml and load RUN/adapter (+ trained heads)."""
     run_dir = Path(run_dir)
-    cfg = _read_run_config(run_dir)
+    cfg = read_run_config(run_dir)
     model = load_base_model(cfg)
     load_run_adapter(model, run_dir, cfg, merged=merged, force=force)
     return model.eval()
@@ -226,7 +226,7 @@ def predict_runs(run_dirs: Sequence[str | Path], targets: Sequence[Target], out_
     """
     import adapters
 
-    configs = [_read_run_config(Path(run)) for run in run_dirs]
+    configs = [read_run_config(Path(run)) for run in run_dirs]
     groups: dict[str, list[int]] = {}
     for index, cfg in enumerate(configs):
         groups.setdefault(base_key(cfg), []).append(index)
