@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q -n $(CORES) tests
 
+# RETRAIN_BASE=1: train the demo's base model again (its recipe: configs/demo.yaml base_training) instead of
+# starting from the shipped one (data/samples/demo_base).
 demo: install
-	$(PY) -m pipeline.demo --config $(CONFIG) --cores $(CORES)
+	$(PY) -m pipeline.demo --config $(CONFIG) --cores $(CORES) $(if $(RETRAIN_BASE),-- --config retrain_base=True)
 
 bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"

@@ -23,6 +23,11 @@ SNAKEFILE = REPO / "snakemake" / "Snakefile"
 PROFILE = REPO / "snakemake" / "profiles" / "local"
 
 
+# The demo's console table: the report's columns that fit a terminal.
+SHOWN = ("group", "method", "rank", "trainable params", "own params", "TM-score (mean ± sd)", "lDDT", "steps",
+         "TM gain vs base", "chains improved", "gain vs head only")
+
+
 def snakemake_command(config: Path, cores: int, extra: list[str]) -> list[str]:
     """The Snakemake command line; model jobs use one torch thread each, so `cores` of them run at once."""
     return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile", str(config),
@@ -69,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
 
         report = (yaml.safe_load((exp / "workflow_config.yaml").read_text()) or {}).get("report", {}) \
             if (exp / "workflow_config.yaml").exists() else {}
-        summary = pd.read_csv(summary_csv).fillna({"targets": "", "part": ""})
-        split = report.get("main_split") or report.get("gain_split") or summary.split.iloc[0]
-        with_gain = bool(summary[summary.split == split].tm_gain.notna().any())
-        print(f"\nsplit {split}" + (" (the chains the adapters were fine-tuned on)"
-                                    if split == report.get("gain_split") else "") + ":")
-        print(display_table(summary, split, with_gain).to_string(index=False))
+        summary = pd.read_csv(summary_csv, dtype={"group": str, "targets": str, "part": str}).fillna(
+            {"targets": "", "part": "", "group": ""})
+        gain_split = report.get("gain_split")
+        splits = [gain_split] if gain_split in set(summary.split) else []
+        splits += [s for s in dict.fromkeys(summary.split) if s not in splits]
+        for split in splits:
+            with_gain = bool(summary[summary.split == split].tm_gain.notna().any())
+            print(f"\nsplit {split}" + (" (the chains the adapters were fine-tuned on)" if split == gain_split
+                                        else " (held out)" if gain_split else "") + ":")
+            table = display_table(summary, split, with_gain)
+            print(table[[c for c in table.columns if c in SHOWN]].to_string(index=False))
     return 0
 
 

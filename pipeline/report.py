@@ -32,12 +32,16 @@ import pandas as pd
 from data.io import atomic_path, atomic_write_text
 
 METRICS = ("tm_score", "lddt", "lddt_ca", "gdt_ts", "gdt_ha", "rmsd", "mean_plddt")
-VARIANT = ["method", "rank", "targets", "part"]
+VARIANT = ["group", "method", "rank", "targets", "part"]
 BASELINE_METHODS = {"ideal_helix": "ideal-helix"}
-METHOD_ORDER = ["none", "ideal-helix", "lora", "lorta", "tlora", "full"]
+METHOD_ORDER = ["none", "ideal-helix", "head", "lora", "lorta", "tlora", "full"]
 METHOD_COLORS = {"lora": "tab:blue", "lorta": "tab:orange", "tlora": "tab:green", "full": "tab:red",
-                 "none": "black", "ideal-helix": "tab:gray"}
+                 "none": "black", "ideal-helix": "tab:gray", "head": "tab:purple"}
 REFERENCE_METHOD = "none"
+# A `none` run that trained the folding head (model.train_heads) is the head-only control, reported as "head".
+HEAD_METHOD = "head"
+# Wall-clock costs: reported, but kept out of summary.csv so that a rerun reproduces it byte for byte.
+COST_COLUMNS = ["train_seconds", "peak_memory_mb"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -68,8 +72,19 @@ def _targets_text(targets: Any) -> str:
     return "+".join(str(t) for t in targets)
 
 
-def load_runs(results: Path, names: list[str] | None = None) -> pd.DataFrame:
-    """One row per run (and per baseline), indexed by run name."""
+def load_groups(path: str | Path | None) -> dict[str, str]:
+    """run name -> group label from the workflow's groups.json ({run: {"group", "label"}}); {} without one."""
+    if not path:
+        return {}
+    data = _read_json(Path(path))
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: groups: expected {{run: {{group, label}}}}")
+    return {name: str(entry.get("label") or entry.get("group") or "") for name, entry in data.items()}
+
+
+def load_runs(results: Path, names: list[str] | None = None, groups: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per run (and per baseline), indexed by run name; `groups`: run -> group label."""
+    groups = groups or {}
     rows = []
     runs_dir, scores_dir = results / "runs", results / "scores"
     # Without a list: every run and score directory, except the from-scratch base the grid started from
@@ -85,13 +100,18 @@ def load_runs(results: Path, names: list[str] | None = None) -> pd.DataFrame:
             if method is None:
                 raise ValueError(f"{run_dir / 'summary.json'}: method: missing")
             full_or_none = method in ("full", "none")
+            if method == "none" and summary.get("train_heads") and (summary.get("steps") or 0) > 0:
+                method = HEAD_METHOD
+            trainable = int(summary.get("trainable_params") or 0)
             rows.append({
-                "run": name, "method": method,
+                "run": name, "group": groups.get(name, ""), "method": method,
                 "rank": 0 if full_or_none else int(summary.get("rank") or 0),
                 "targets": "" if full_or_none else _targets_text(summary.get("targets")),
                 "part": "" if method == "none" else str(summary.get("part") or ""),
                 "seed": int(summary["seed"]) if summary.get("seed") is not None else _seed_of(run_dir, name),
-                "trainable_params": int(summary.get("trainable_params") or 0),
+                "trainable_params": trainable,
+                "adapter_params": int(summary.get("adapter_params", trainable) or 0),
+                "head_params": int(summary.get("head_params") or 0),
                 "total_params": summary.get("total_params"),
                 "train_seconds": float(summary.get("train_seconds") or 0.0),
                 "steps": summary.get("steps"),
@@ -99,8 +119,9 @@ def load_runs(results: Path, names: list[str] | None = None) -> pd.DataFrame:
                 "final_train_loss": summary.get("final_train_loss"),
             })
         elif name in BASELINE_METHODS or (scores_dir / name).is_dir():
-            rows.append({"run": name, "method": BASELINE_METHODS.get(name, name), "rank": 0, "targets": "",
-                         "part": "", "seed": 0, "trainable_params": 0, "total_params": None,
+            rows.append({"run": name, "group": groups.get(name, ""), "method": BASELINE_METHODS.get(name, name),
+                         "rank": 0, "targets": "", "part": "", "seed": 0, "trainable_params": 0,
+                         "adapter_params": 0, "head_params": 0, "total_params": None,
                          "train_seconds": 0.0, "steps": 0, "peak_memory_mb": None, "final_train_loss": None})
         elif names is not None:
             raise ValueError(f"{results}: run {name!r}: no runs/{name}/summary.json and no scores/{name}/")
@@ -150,28 +171,43 @@ def per_target_table(scores: pd.DataFrame) -> pd.DataFrame:
     return scores.groupby(keys, sort=False, dropna=False)[list(METRICS)].mean().reset_index()
 
 
-def _reference(per_target: pd.DataFrame) -> pd.DataFrame:
-    """TM-score of the untuned base per (split, chain); NaN-free, indexed by (split, chain_id)."""
-    base = per_target[per_target.method == REFERENCE_METHOD]
+def _reference(per_target: pd.DataFrame, method: str = REFERENCE_METHOD) -> pd.Series:
+    """TM-score of the untuned base (or the head-only control) per (split, chain), indexed by (split, chain_id)."""
+    base = per_target[per_target.method == method]
     return base.groupby(["split", "chain_id"])["tm_score"].mean()
+
+
+def _gain(group: pd.DataFrame, reference: pd.Series, split: str) -> np.ndarray:
+    """Per-chain TM gain of `group` (one variant's per-target rows) over `reference` on the same chains."""
+    base = reference.reindex(pd.MultiIndex.from_arrays([[split] * len(group), group.chain_id]))
+    gain = group["tm_score"].to_numpy() - base.to_numpy()
+    return gain[~np.isnan(gain)]
+
+
+def _group_order(runs: pd.DataFrame) -> dict[str, int]:
+    return {label: i for i, label in enumerate(dict.fromkeys(runs["group"]))}
 
 
 def summary_table(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """One row per split x variant: parameters, metric mean/sd/median over targets, training cost, TM gain."""
     per_target = per_target_table(scores)
     reference = _reference(per_target)
+    head_reference = _reference(per_target, HEAD_METHOD)
     rows = []
     for key, group in per_target.groupby(["split", *VARIANT], sort=False, dropna=False):
-        split, method, rank, targets, part = key
-        variant_runs = runs[(runs.method == method) & (runs["rank"] == rank) & (runs.targets == targets)
-                            & (runs.part == part)]
+        split, label, method, rank, targets, part = key
+        variant_runs = runs[(runs["group"] == label) & (runs.method == method) & (runs["rank"] == rank)
+                            & (runs.targets == targets) & (runs.part == part)]
         run_scores = scores[(scores.split == split) & scores.run.isin(variant_runs.index)]
         seed_means = run_scores.groupby("seed")["tm_score"].mean()
         tm = group["tm_score"]
         row = {
-            "split": split, "method": method, "rank": int(rank), "targets": targets, "part": part,
+            "split": split, "group": label, "method": method, "rank": int(rank), "targets": targets, "part": part,
             "n_seeds": int(variant_runs.seed.nunique()), "n_targets": int(group.chain_id.nunique()),
             "trainable_params": int(variant_runs.trainable_params.mean()),
+            "adapter_params": int(variant_runs.adapter_params.mean()),
+            "head_params": int(variant_runs.head_params.mean()),
+            "steps": int(pd.to_numeric(variant_runs.steps, errors="coerce").fillna(0).mean()),
             "tm_mean": tm.mean(), "tm_sd": tm.std(ddof=1) if len(tm) > 1 else 0.0, "tm_median": tm.median(),
             "tm_seed_sd": seed_means.std(ddof=1) if len(seed_means) > 1 else np.nan,
             "lddt": group["lddt"].mean(), "lddt_ca": group["lddt_ca"].mean(), "gdt_ts": group["gdt_ts"].mean(),
@@ -179,10 +215,12 @@ def summary_table(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
             "train_seconds": variant_runs.train_seconds.mean(),
             "peak_memory_mb": pd.to_numeric(variant_runs.peak_memory_mb, errors="coerce").mean(),
         }
+        if len(head_reference) and method not in (REFERENCE_METHOD, HEAD_METHOD) and row["head_params"]:
+            gain = _gain(group, head_reference, split)  # the adapter's share on top of the head-only control
+            if len(gain):
+                row["tm_gain_vs_head"] = gain.mean()
         if len(reference) and method != REFERENCE_METHOD:
-            base = reference.reindex(pd.MultiIndex.from_arrays([[split] * len(group), group.chain_id]))
-            gain = group["tm_score"].to_numpy() - base.to_numpy()
-            gain = gain[~np.isnan(gain)]
+            gain = _gain(group, reference, split)
             if len(gain):
                 row["tm_gain"] = gain.mean()
                 row["frac_improved"] = float((gain > 0).mean())
@@ -190,12 +228,14 @@ def summary_table(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
                 row["tm_gain_per_mparam"] = gain.mean() / (params / 1e6) if params else np.nan
         rows.append(row)
     table = pd.DataFrame(rows)
-    for column in ("tm_gain", "frac_improved", "tm_gain_per_mparam"):
+    for column in ("tm_gain", "frac_improved", "tm_gain_per_mparam", "tm_gain_vs_head"):
         if column not in table.columns:
             table[column] = np.nan
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    groups = _group_order(runs)
     table["_order"] = table.method.map(lambda m: order.get(m, len(order)))
-    table = table.sort_values(["split", "_order", "rank", "targets", "part"]).drop(columns="_order")
+    table["_group"] = table["group"].map(lambda g: groups.get(g, len(groups)))
+    table = table.sort_values(["split", "_group", "_order", "rank", "targets", "part"]).drop(columns=["_order", "_group"])
     return table.reset_index(drop=True)
 
 
@@ -210,21 +250,34 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def display_table(summary: pd.DataFrame, split: str, with_gain: bool) -> pd.DataFrame:
     """The human-readable method x rank table of one split."""
     rows = []
-    table = summary[summary.split == split].fillna({"targets": "", "part": ""})
+    table = summary[summary.split == split].fillna({"targets": "", "part": "", "group": ""})
     many = _many_settings(table)
+    many_groups = table["group"].nunique() > 1
+    has_heads = "head_params" in table.columns and (table.head_params > 0).any()
+    vs_head = "tm_gain_vs_head" in table.columns and table.tm_gain_vs_head.notna().any()
     for row in table.itertuples():
-        label = "none (untuned base)" if row.method == REFERENCE_METHOD else row.method
+        label = {REFERENCE_METHOD: "none (untuned base)", HEAD_METHOD: "head only (control)"}.get(row.method,
+                                                                                                 row.method)
         if many and row.targets:
             label += f" ({row.targets}, {row.part})"
-        entry = {
-            "method": label, "rank": row.rank or "–", "trainable params": _fmt(int(row.trainable_params)),
+        entry = {"group": row.group} if many_groups else {}
+        entry.update({
+            "method": label, "rank": row.rank or "–", "trainable params": _fmt(int(row.trainable_params))})
+        if has_heads:
+            entry["own params"] = _fmt(int(row.adapter_params))
+        entry.update({
             "TM-score (mean ± sd)": f"{row.tm_mean:.3f} ± {row.tm_sd:.3f}", "TM median": _fmt(row.tm_median),
             "lDDT": _fmt(row.lddt), "lDDT-CA": _fmt(row.lddt_ca), "GDT-TS": _fmt(row.gdt_ts),
-            "RMSD (Å)": _fmt(row.rmsd, 2), "train (s)": _fmt(row.train_seconds, 0) if row.train_seconds else "–",
-            "peak mem (MB)": _fmt(row.peak_memory_mb, 0),
-        }
+            "RMSD (Å)": _fmt(row.rmsd, 2), "steps": _fmt(int(row.steps)) if getattr(row, "steps", 0) else "–",
+        })
+        if hasattr(row, "train_seconds"):  # costs: in the report, not in summary.csv
+            entry["train (s)"] = _fmt(row.train_seconds, 0) if row.train_seconds else "–"
+            entry["peak mem (MB)"] = _fmt(row.peak_memory_mb, 0)
         if with_gain:
             entry["TM gain vs base"] = "–" if math.isnan(row.tm_gain) else f"{row.tm_gain:+.3f}"
+            if vs_head:
+                entry["gain vs head only"] = ("–" if math.isnan(row.tm_gain_vs_head)
+                                              else f"{row.tm_gain_vs_head:+.3f}")
             entry["chains improved"] = "–" if math.isnan(row.frac_improved) else f"{row.frac_improved:.0%}"
             entry["gain / 1M params"] = "–" if math.isnan(row.tm_gain_per_mparam) else f"{row.tm_gain_per_mparam:+.3f}"
         if row.n_seeds > 1:
@@ -234,9 +287,11 @@ def display_table(summary: pd.DataFrame, split: str, with_gain: bool) -> pd.Data
 
 
 # -------------------------------------------------------------------------------------------------- plots
-def _variant_label(method: str, rank: int, targets: str, part: str, many: bool) -> str:
-    label = method if not rank else f"{method} r{rank}"
-    return f"{label} ({targets}, {part})" if many and targets else label
+def _variant_label(group: str, method: str, rank: int, targets: str, part: str, many: bool,
+                   many_groups: bool = False) -> str:
+    label = {HEAD_METHOD: "head only"}.get(method, method if not rank else f"{method} r{rank}")
+    label = f"{label} ({targets}, {part})" if many and targets else label
+    return f"{group}: {label}" if many_groups and group else label
 
 
 def _many_settings(frame: pd.DataFrame) -> bool:
@@ -250,35 +305,45 @@ def _method_sort_key(method: str) -> int:
 
 
 def plot_pareto(summary: pd.DataFrame, path: Path, splits: list[str]) -> Path:
-    """Mean TM-score vs trainable parameters (log x), one line per method; params-free references as lines."""
+    """Mean TM-score vs the method's own trainable parameters (log x; the folding head of head-training
+    groups not counted), one panel row per group, one line per method over its ranks; the parameter-free
+    references (untuned base, ideal helix) and the head-only control as dashed lines."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(splits), figsize=(max(7.0, 5.4 * len(splits)), 5.0), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        table = summary[summary.split == split]
-        trained = table[table.trainable_params > 0]
-        many = _many_settings(trained)
-        for (method, targets, part), group in trained.groupby(["method", "targets", "part"], sort=False):
-            group = group.sort_values("trainable_params")
-            sem = group.tm_sd / np.sqrt(group.n_targets.clip(lower=1))
-            label = method + (f" ({targets}, {part})" if many and targets else "")
-            ax.errorbar(group.trainable_params, group.tm_mean, yerr=sem, marker="o", capsize=3, label=label,
-                        color=METHOD_COLORS.get(method))
-            for row in group.itertuples():
-                if row.rank:
-                    ax.annotate(f"r{row.rank}", (row.trainable_params, row.tm_mean), textcoords="offset points",
-                                xytext=(4, 4), fontsize=8)
-        for row in table[table.trainable_params == 0].itertuples():
-            name = "untuned base" if row.method == REFERENCE_METHOD else row.method
-            ax.axhline(row.tm_mean, ls="--", lw=1.2, color=METHOD_COLORS.get(row.method, "gray"),
-                       label=f"{name} ({row.tm_mean:.3f})")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel("mean TM-score")
-        n_chains = int(table.n_targets.max()) if len(table) else 0
-        ax.set_title(f"split: {split} ({n_chains} chain{'s' if n_chains != 1 else ''})")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    own = summary.adapter_params if "adapter_params" in summary.columns else summary.trainable_params
+    summary = summary.assign(own_params=own, group=summary["group"].fillna("") if "group" in summary else "")
+    references = summary.method.isin([REFERENCE_METHOD, HEAD_METHOD, *BASELINE_METHODS.values()])
+    groups = list(dict.fromkeys(summary[~references & (summary.own_params > 0)]["group"])) or [""]
+    fig, axes = plt.subplots(len(groups), len(splits), figsize=(max(7.0, 5.4 * len(splits)), 4.6 * len(groups) + 0.6),
+                             squeeze=False)
+    for row_axes, label in zip(axes, groups):
+        for ax, split in zip(row_axes, splits):
+            table = summary[summary.split == split]
+            trained = table[~references.loc[table.index] & (table["group"] == label) & (table.own_params > 0)]
+            many = _many_settings(trained)
+            heads = bool((trained.head_params > 0).any()) if "head_params" in trained else False
+            for (method, targets, part), group in trained.groupby(["method", "targets", "part"], sort=False):
+                group = group.sort_values("own_params")
+                sem = group.tm_sd / np.sqrt(group.n_targets.clip(lower=1))
+                name = method + (f" ({targets}, {part})" if many and targets else "")
+                ax.errorbar(group.own_params, group.tm_mean, yerr=sem, marker="o", capsize=3, label=name,
+                            color=METHOD_COLORS.get(method))
+                for point in group.itertuples():
+                    if point.rank:
+                        ax.annotate(f"r{point.rank}", (point.own_params, point.tm_mean), textcoords="offset points",
+                                    xytext=(4, 4), fontsize=8)
+            for point in table[references.loc[table.index]].itertuples():
+                name = {REFERENCE_METHOD: "untuned base", HEAD_METHOD: "head only"}.get(point.method, point.method)
+                ax.axhline(point.tm_mean, ls="--", lw=1.2, color=METHOD_COLORS.get(point.method, "gray"),
+                           label=f"{name} ({point.tm_mean:.3f})")
+            ax.set_xscale("log")
+            ax.set_xlabel("the method's own trainable parameters" + (" (+ the trained head)" if heads else ""))
+            ax.set_ylabel("mean TM-score")
+            n_chains = int(table.n_targets.max()) if len(table) else 0
+            ax.set_title((f"{label} · " if label else "") + f"split: {split} ({n_chains} chain"
+                         f"{'s' if n_chains != 1 else ''})", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     fig.suptitle("TM-score vs trainable parameters (error bars: standard error over chains)", fontsize=11)
     return _save(fig, path)
 
@@ -291,10 +356,12 @@ def plot_per_target(per_target: pd.DataFrame, path: Path, splits: list[str]) -> 
     if not len(reference):
         return None
     others = per_target[(per_target.method != REFERENCE_METHOD) & per_target.split.isin(splits)]
-    variants = sorted(others.groupby(VARIANT, sort=False).groups, key=lambda v: (_method_sort_key(v[0]), v[1:]))
+    variants = sorted(others.groupby(VARIANT, sort=False).groups,
+                      key=lambda v: (v[0], _method_sort_key(v[1]), v[2:]))
     if not variants:
         return None
     many = _many_settings(others)
+    many_groups = others["group"].nunique() > 1
     # One scale for every panel, so panels compare at a glance.
     top = float(np.nanmax([others.tm_score.max(), reference.max()]))
     lims = [0.0, max(0.05, min(1.0, top * 1.1))]
@@ -315,7 +382,7 @@ def plot_per_target(per_target: pd.DataFrame, path: Path, splits: list[str]) -> 
         ax.set_xlim(lims)
         ax.set_ylim(lims)
         ax.set_aspect("equal")
-        ax.set_title(_variant_label(*variant, many))
+        ax.set_title(_variant_label(*variant, many, many_groups), fontsize=9)
         ax.set_xlabel("untuned base TM-score")
         ax.set_ylabel("method TM-score")
         ax.legend(fontsize=8)
@@ -501,14 +568,15 @@ def _split_order(splits) -> list[str]:
 
 
 def build_report(results: str | Path, out: str | Path, options: ReportOptions | None = None,
-                 runs: list[str] | None = None) -> dict[str, Path]:
-    """Read RESULTS, write summary.csv, per_target.csv, plots/*.png, report.md and report.html into OUT."""
+                 runs: list[str] | None = None, groups: dict[str, str] | None = None) -> dict[str, Path]:
+    """Read RESULTS, write summary.csv, costs.csv, per_target.csv, plots/*.png, report.md and report.html
+    into OUT. `groups`: run -> group label (the workflow's groups.json)."""
     import matplotlib
 
     matplotlib.use("Agg")
     options = options or ReportOptions()
     results, out = Path(results), Path(out)
-    run_table = load_runs(results, runs)
+    run_table = load_runs(results, runs, groups)
     scores = load_scores(results, run_table)
     per_target = per_target_table(scores)
     summary = summary_table(run_table, scores)
@@ -523,6 +591,7 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
     plots = out / "plots"
     written = {
         "summary": out / "summary.csv",
+        "costs": out / "costs.csv",
         "per_target": out / "per_target.csv",
         "pareto": plot_pareto(summary, plots / "tm_vs_params.png", splits),
     }
@@ -532,7 +601,10 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
         if result is not None:
             written[key] = result
     with atomic_path(written["summary"]) as tmp:
-        summary.to_csv(tmp, index=False, float_format="%.6g")
+        summary.drop(columns=COST_COLUMNS).to_csv(tmp, index=False, float_format="%.6g")
+    costs = summary[summary.split == summary.split.iloc[0]][[*VARIANT, "steps", *COST_COLUMNS]]
+    with atomic_path(written["costs"]) as tmp:
+        costs.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(written["per_target"]) as tmp:
         per_target.to_csv(tmp, index=False, float_format="%.6g")
 
@@ -547,11 +619,16 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
              "per-target values averaged over seeds, then mean ± sd over targets.")
     for split in [main_split] + [s for s in splits if s != main_split]:
         with_gain = summary[summary.split == split].tm_gain.notna().any()
+        chains = ", ".join(sorted(per_target[per_target.split == split].chain_id.unique()))
         if split == options.gain_split:
             title = f"Fine-tuned chains (split `{split}`)"
             caption = ("Each method was fine-tuned on these chains. **TM gain vs base**: mean per-chain change of "
                        "TM-score against the untuned base; **chains improved**: fraction of chains whose TM-score "
-                       "went up; **gain / 1M params**: TM gain per million trainable parameters.")
+                       "went up; **gain / 1M params**: TM gain per million trainable parameters"
+                       + ("; **own params**: the method's own trainable parameters (trainable params also count "
+                          "the folding head where the group trains it); **gain vs head only**: the adapter's share, "
+                          "TM gain over the head-only control" if (summary.head_params > 0).any() else "")
+                       + ".")
         elif split == main_split:
             title, caption = f"Split `{split}`", ""
         else:
@@ -559,6 +636,7 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
             caption = ("Gains here are against the same untuned base on chains no run was fine-tuned on."
                        if with_gain and options.gain_split else "")
         doc.heading(title)
+        doc.text(f"Chains: {chains}.")
         doc.table(display_table(summary, split, with_gain), caption)
     doc.heading("Plots")
     captions = {
@@ -572,12 +650,15 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
         if key in written:
             doc.image(written[key], caption)
     doc.heading("Per-target TM-scores")
-    wide = per_target.assign(variant=[_variant_label(m, r, t, p, False) for m, r, t, p in
+    many_groups = per_target["group"].nunique() > 1
+    wide = per_target.assign(variant=[_variant_label(*v, False, many_groups) for v in
                                       per_target[VARIANT].itertuples(index=False)])
     wide = wide.pivot_table(index=["split", "chain_id"], columns="variant", values="tm_score", sort=False)
-    order = per_target.drop_duplicates(VARIANT).assign(key=lambda f: f.method.map(_method_sort_key))
-    order = order.sort_values(["key", "rank", "targets", "part"])
-    columns = [_variant_label(m, r, t, p, False) for m, r, t, p in order[VARIANT].itertuples(index=False)]
+    group_rank = _group_order(run_table)
+    order = per_target.drop_duplicates(VARIANT).assign(key=lambda f: f.method.map(_method_sort_key),
+                                                        gkey=lambda f: f["group"].map(group_rank))
+    order = order.sort_values(["gkey", "key", "rank", "targets", "part"])
+    columns = [_variant_label(*v, False, many_groups) for v in order[VARIANT].itertuples(index=False)]
     wide = wide[[c for c in dict.fromkeys(columns) if c in wide.columns]]
     wide = wide.reset_index().round(3)
     wide.columns.name = None

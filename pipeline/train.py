@@ -134,6 +134,36 @@ def read_split(splits_csv: str | os.PathLike, split: str) -> list[str]:
     return frame.loc[frame["split"] == split, "chain_id"].tolist()
 
 
+# Which chains a run trained on and monitored: provenance, and how a later run checks that its base never saw
+# the chains it fine-tunes or validates on.
+CHAINS_FILE = "chains.json"
+
+
+def run_chains(cfg: dict) -> dict[str, list[str]]:
+    """{"train": chain ids trained on, "val": chain ids validated on} of a resolved config."""
+    data = cfg["data"]
+    return {role: sorted(read_split(data["splits"], data[f"{role}_split"]))
+            if data.get("splits") and data.get(f"{role}_split") else [] for role in ("train", "val")}
+
+
+def check_base_is_disjoint(base_run: str | os.PathLike, chains: dict[str, list[str]]) -> None:
+    """ValueError when the base run (model.base_run) was trained on a chain this run trains or validates on:
+    its gains would be memory, not adaptation. Bases without a record (older runs) are not checked."""
+    record = Path(base_run) / CHAINS_FILE
+    if not record.is_file():
+        return
+    try:
+        base_train = set(json.loads(record.read_text(encoding="utf-8"))["train"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{record}: cannot read the base's training chains ({exc})") from exc
+    for role, ids in chains.items():
+        shared = sorted(base_train.intersection(ids))
+        if shared:
+            raise ValueError(f"model.base_run: {base_run} was trained on {len(shared)} of this run's {role} chains "
+                             f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}); use a split whose "
+                             f"{role} chains the base never saw")
+
+
 # ------------------------------------------------------------------------------- adapters glue
 
 def _adapter_dict(adapter_cfg: dict) -> dict:
@@ -162,11 +192,19 @@ def attach_method(model: torch.nn.Module, adapter_cfg: dict, train_heads: bool =
     if adapter["method"] == "tlora":
         adapter.setdefault("seed", int(seed))
     adapters.attach(model, adapters.config_from_dict(adapter), base_source=base)
-    if train_heads and adapter_cfg["method"] != "none":  # `none` is the untouched base: nothing trains
+    if train_heads:  # with method `none` this is the head-only control: no adapter, the head trains
         from pipeline.models import head_parameters
 
         for param in head_parameters(model).values():
             param.requires_grad_(True)
+
+
+def trainable_head_params(model: torch.nn.Module) -> int:
+    """Trainable parameters of the folding head (`model.train_heads`); the rest of a run's trainable
+    parameters are its method's own (the adapter, or the weights `full` trains)."""
+    from pipeline.models import head_parameters
+
+    return sum(p.numel() for p in head_parameters(model).values() if p.requires_grad)
 
 
 def save_trained(model: torch.nn.Module, out_dir: str | os.PathLike) -> None:
@@ -747,6 +785,9 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         if tcfg["threads"]:
             torch.set_num_threads(tcfg["threads"])
 
+    chains = run_chains(cfg)
+    if cfg["model"]["base_run"]:
+        check_base_is_disjoint(cfg["model"]["base_run"], chains)
     pl.seed_everything(tcfg["seed"], workers=True, verbose=False)
     model, base_names = _build(cfg)
     if launched_rank() == 0:
@@ -756,15 +797,18 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
         atomic_write_text(run_dir / INPUTS_FILE, json.dumps(run_inputs(cfg), indent=2) + "\n")
+        atomic_write_text(run_dir / CHAINS_FILE, json.dumps(chains, indent=2) + "\n")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters())
+    head = trainable_head_params(model) if cfg["kind"] == "fold" else 0
     common = {"kind": cfg["kind"], "method": cfg["adapter"]["method"], "rank": cfg["adapter"]["rank"],
               "targets": list(cfg["adapter"]["targets"]), "part": cfg["adapter"]["part"],
               "train_heads": cfg["model"]["train_heads"], "trainable_params": trainable,
+              "adapter_params": trainable - head, "head_params": head,
               "total_params": total, "seed": tcfg["seed"]}
 
-    if cfg["adapter"]["method"] == "none" or tcfg["max_steps"] == 0:
+    if trainable == 0 or tcfg["max_steps"] == 0:
         save_trained(model, run_dir / "adapter")
         summary = {**common, "train_seconds": 0.0, "steps": 0, "peak_memory_mb": _peak_memory_mb(on_gpu),
                    "final_train_loss": None, "best_val_tm_score": None, "status": "not_trained"}

@@ -77,7 +77,10 @@ def test_summary_values_equal_hand_computed_aggregates(results: Path):
     assert row.tm_gain_per_mparam == pytest.approx(gain.mean() / 1e-3, rel=1e-5)
     assert row.lddt == pytest.approx(per_chain.mean() + 0.1, abs=1e-6)
     assert row.rmsd == pytest.approx(10 - 10 * per_chain.mean(), abs=1e-5)
-    assert row.train_seconds == pytest.approx(60.5)
+    assert "train_seconds" not in summary.columns  # wall-clock costs live in costs.csv: reruns reproduce summary.csv
+    costs = pd.read_csv(written["costs"]).fillna({"targets": "", "part": ""})
+    cost = costs[(costs.method == "lora") & (costs["rank"] == 4)].iloc[0]
+    assert cost.train_seconds == pytest.approx(60.5) and cost.steps == 300
 
     test_r8 = summary[(summary.split == "test") & (summary.method == "lora") & (summary["rank"] == 8)].iloc[0]
     assert test_r8.tm_gain == pytest.approx(np.mean([0.01, -0.02, 0.02]), abs=1e-6)
@@ -142,3 +145,37 @@ def test_bad_inputs_name_the_file(results: Path, tmp_path: Path, capsys):
     assert "report.colour: unknown key" in capsys.readouterr().out
     assert cli_main(["report", "--results", str(tmp_path / "nothing")]) == 2
     assert "no runs" in capsys.readouterr().out
+
+
+def test_groups_head_only_control_and_own_params(results: Path, tmp_path: Path):
+    """A head-training group: its `none` run (head only, trained) is the control, each adapter's share is its
+    gain over it, and the Pareto x axis is the adapter's own count (hand-computed on synthetic scores)."""
+    head_tms = {"val": [0.25, 0.33, 0.30], "test": [0.18, 0.22, 0.21]}
+    adapter_tms = {"val": [0.29, 0.36, 0.30], "test": [0.18, 0.22, 0.21]}
+    for name, method, rank, own, tms in (("heads-none_s0", "none", 0, 0, head_tms),
+                                         ("heads-lora_r4_s0", "lora", 4, 1000, adapter_tms)):
+        run = results / "runs" / name
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "method": method, "rank": rank, "targets": ["attn", "mlp"], "part": "trunk", "train_heads": True,
+            "trainable_params": own + 300000, "adapter_params": own, "head_params": 300000, "steps": 40,
+            "train_seconds": 5.0, "seed": 0}))
+        for split, values in tms.items():
+            (results / "scores" / name).mkdir(parents=True, exist_ok=True)
+            _scores(values, 5.0).to_csv(results / "scores" / name / f"{split}.csv", index=False)
+    groups = {name: "adapter only" for name in RUNS} | {"none": "", "heads-none_s0": "adapter + head",
+                                                        "heads-lora_r4_s0": "adapter + head"}
+    out = tmp_path / "grouped"
+    written = build_report(results, out, ReportOptions(gain_split="val"), groups=groups)
+    summary = pd.read_csv(written["summary"]).fillna({"targets": "", "part": "", "group": ""})
+    val = summary[summary.split == "val"]
+    head = val[val.method == "head"].iloc[0]
+    assert head.group == "adapter + head" and head.adapter_params == 0 and head.trainable_params == 300000
+    assert head.tm_gain == pytest.approx(np.mean([0.05, 0.03, 0.05]), abs=1e-6)  # over the untuned base
+    lora = val[(val.method == "lora") & (val.group == "adapter + head")].iloc[0]
+    assert lora.adapter_params == 1000 and lora.head_params == 300000
+    assert lora.tm_gain_vs_head == pytest.approx(np.mean([0.04, 0.03, 0.0]), abs=1e-6)
+    alone = val[(val.method == "lora") & (val.group == "adapter only") & (val["rank"] == 4)].iloc[0]
+    assert np.isnan(alone.tm_gain_vs_head)  # trains no head: nothing to compare with
+    md = (out / "report.md").read_text()
+    assert "head only (control)" in md and "gain vs head only" in md and "Chains: 1abc_A, 2xyz_B, 3pqr_C." in md

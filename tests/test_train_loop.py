@@ -149,12 +149,47 @@ def test_nonfinite_losses_skip_then_abort_cleanly(dataset, tmp_path, monkeypatch
 def test_method_none_writes_a_run_without_training(dataset, tmp_path):
     cfg = _cfg(dataset, tmp_path / "none")
     cfg["adapter"]["method"] = "none"
-    assert cfg["model"]["train_heads"]  # the grid's shared setting: `none` must still train and count nothing
+    cfg["model"]["train_heads"] = False  # the untuned base: nothing trains
     result = train(cfg)
     assert result.summary["steps"] == 0 and result.summary["trainable_params"] == 0
+    assert result.summary["status"] == "not_trained"
     assert (tmp_path / "none" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "none" / "config.yaml").is_file() and (tmp_path / "none" / "base.json").is_file()
     load_run_model(tmp_path / "none")  # predictable like any other run
+
+
+def test_method_none_with_heads_is_the_head_only_control(dataset, tmp_path):
+    """`none` + train_heads trains exactly the folding head (no adapter): the control an adapter+head run
+    is compared with; its own (adapter) count is 0 and the head's is every trainable parameter."""
+    from pipeline.models import head_parameters
+
+    cfg = _cfg(dataset, tmp_path / "head", max_steps=3)
+    cfg["adapter"]["method"] = "none"
+    assert cfg["model"]["train_heads"]
+    result = train(cfg)
+    summary = result.summary
+    pl.seed_everything(result.summary["seed"], verbose=False)  # the same start as train()
+    heads = head_parameters(_build(cfg)[0])
+    assert summary["steps"] == 3 and summary["adapter_params"] == 0
+    assert summary["head_params"] == summary["trainable_params"] == sum(p.numel() for p in heads.values())
+    trained = load_file(str(tmp_path / "head" / "adapter" / "adapter_model.safetensors"))
+    assert set(trained) == set(heads)
+    moved = [name for name in trained if not torch.equal(trained[name], heads[name].detach())]
+    assert moved  # the head did train
+
+
+def test_runs_record_their_chains_and_a_base_must_not_have_seen_them(dataset, tmp_path):
+    from pipeline.train import check_base_is_disjoint, read_split
+
+    cfg = _cfg(dataset, tmp_path / "base", max_steps=1)
+    train(cfg)
+    record = json.loads((tmp_path / "base" / "chains.json").read_text())
+    assert record == {"train": sorted(read_split(cfg["data"]["splits"], cfg["data"]["train_split"])),
+                      "val": sorted(read_split(cfg["data"]["splits"], cfg["data"]["val_split"]))}
+    seen = record["train"][0]
+    with pytest.raises(ValueError, match=f"was trained on 1 of this run's val chains \\({seen}\\)"):
+        check_base_is_disjoint(tmp_path / "base", {"train": ["unseen_A"], "val": [seen]})
+    check_base_is_disjoint(tmp_path / "base", {"train": ["unseen_A"], "val": record["val"]})  # monitored only
 
 
 def test_existing_run_needs_resume(dataset, tmp_path):

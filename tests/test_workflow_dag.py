@@ -98,6 +98,54 @@ def test_target_and_part_sweeps_name_runs_and_no_base(tmp_path: Path):
     assert "predict_baseline" not in result.stdout
 
 
+def test_groups_head_only_control_and_a_shipped_base(tmp_path: Path):
+    """Grid groups: each group's runs carry its overrides and name prefix, the reference `none` never trains
+    (model.train_heads=false), `none` in a head-training group is the head-only control, a group budget picks
+    its own ranks; a shipped base (`base_run`) replaces the base job unless retrain_base asks for it."""
+    import json
+
+    from pipeline.budget import rank_for_budget
+
+    shipped = tmp_path / "shipped_base"
+    shipped.mkdir()
+    (shipped / "summary.json").write_text("{}")
+    groups = [{"name": "heads", "label": "adapter + head", "methods": ["none", "lora"], "ranks": [2],
+               "training": {"model.train_heads": True, "trainer.lr": 0.01}},
+              {"name": "budget", "methods": ["lora", "lorta"], "budget": {"params": 6000}}]
+    model = {"source": "random", "size": {"trunk": {"max_recycles": 0}}}
+    config = micro_config(tmp_path, **{"grid.methods": ["lorta"], "grid.ranks": [1, 4], "grid.seeds": [0],
+                                       "grid.label": "adapter only", "grid.groups": groups,
+                                       "base_run": str(shipped), "base_training.model": model,
+                                       "training.model": {**model, "train_heads": False}})
+    result = snakemake("--configfile", str(config), "-n", "-p", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^.*output_dir=results/micro/runs/(\S+).*$",
+                                                         result.stdout, re.M)}
+    ranks = {m: rank_for_budget(model, {"method": m, "targets": ["attn", "mlp"], "part": "trunk"}, 6000).rank
+             for m in ("lora", "lorta")}
+    assert set(lines) == {"none", "lorta_r1_s0", "lorta_r4_s0", "heads-none_s0", "heads-lora_r2_s0",
+                          f"budget-lora_r{ranks['lora']}_s0", f"budget-lorta_r{ranks['lorta']}_s0"}
+    assert "base_training" not in result.stdout  # the shipped base: no base job
+    assert all(f"model.base_run={shipped}" in line for line in lines.values())
+    assert "model.train_heads=false" in lines["none"]
+    for name in ("heads-none_s0", "heads-lora_r2_s0"):
+        assert "model.train_heads=true" in lines[name] and "trainer.lr=0.01" in lines[name], lines[name]
+    assert "train_heads" not in lines["lorta_r1_s0"] and "trainer.lr" not in lines["budget-lora_r%d_s0" % ranks["lora"]]
+    labels = json.loads((tmp_path / "results/micro/groups.json").read_text())
+    assert labels["heads-none_s0"]["label"] == "adapter + head" and labels["lorta_r4_s0"]["label"] == "adapter only"
+    assert labels["budget-lorta_r%d_s0" % ranks["lorta"]]["label"] == "budget"
+    assert "--groups results/micro/groups.json" in result.stdout
+
+    retrain = snakemake("--configfile", str(config), "--config", "retrain_base=True", "-n", "-p",
+                        "--directory", str(tmp_path), cwd=tmp_path)
+    assert retrain.returncode == 0, retrain.stdout + retrain.stderr
+    assert "--section base_training" in retrain.stdout and "model.base_run=results/micro/runs/base" in retrain.stdout
+
+    (shipped / "summary.json").unlink()
+    missing = snakemake("--configfile", str(config), "-n", "--directory", str(tmp_path), cwd=tmp_path)
+    assert missing.returncode != 0 and f"base_run: {shipped}/summary.json not found" in missing.stdout + missing.stderr
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"grid.methods": ["lora", "dora"]}, r"grid\.methods\.1: 'dora' is not one of"),
     ({"grid.ranks": [0]}, r"grid\.ranks\.0: 0 is less than the minimum of 1"),

@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "disclaimer and splits (the flags below win)")
     parser.add_argument("--runs", nargs="+", metavar="NAME",
                         help="only these runs / baselines (default: every runs/*/ and scores/*/)")
+    parser.add_argument("--groups", metavar="JSON", help="run -> group of the workflow (RESULTS/groups.json): "
+                        "one table section and Pareto row per group")
     parser.add_argument("--title")
     parser.add_argument("--disclaimer", help="a paragraph shown at the top (e.g. 'small random models')")
     parser.add_argument("--gain-split", help="split the adapters were fine-tuned on: adds TM gain vs the untuned base")
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.report import build_report, options_from_config
+    from pipeline.report import build_report, load_groups, options_from_config
 
     started = time.perf_counter()
     try:
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         for key in ("title", "disclaimer", "gain_split", "main_split"):
             if getattr(args, key) is not None:
                 setattr(options, key, getattr(args, key))
-        written = build_report(args.results, args.out or args.results, options, runs=args.runs)
+        written = build_report(args.results, args.out or args.results, options, runs=args.runs,
+                               groups=load_groups(args.groups))
     except (OSError, ValueError) as exc:
         print(f"foldtune report: {exc}")
         return 2
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.report import display_table
 
-    summary = pd.read_csv(written["summary"], keep_default_na=True).fillna({"targets": "", "part": ""})
+    summary = pd.read_csv(written["summary"], dtype={"group": str, "targets": str, "part": str}).fillna(
+        {"targets": "", "part": "", "group": ""})
     split = options.main_split or options.gain_split or summary.split.iloc[0]
     print(display_table(summary, split, summary[summary.split == split].tm_gain.notna().any()).to_string(index=False))
     print(f"report: {written['html']} and {written['md']} ({len(written) - 2} files besides); "

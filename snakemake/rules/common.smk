@@ -54,7 +54,16 @@ FETCHED = f"{STRUCTURES}/fetch_report.csv"
 DATASET = f"{EXP}/dataset"
 MANIFEST = f"{DATASET}/manifest.csv"
 SPLITS = f"{EXP}/splits.csv"
-BASE_RUN = f"{EXP}/runs/base"
+# A shipped base (`base_run`: a finished method=full run, e.g. the demo's committed base) replaces the `base`
+# job unless `retrain_base` asks for it (then base_training trains it into runs/base as usual).
+SHIPPED_BASE = None if config.get("retrain_base") else config.get("base_run")
+if SHIPPED_BASE and not (Path(SHIPPED_BASE) / "summary.json").is_file():
+    raise WorkflowError(f"{_config_source()}: base_run: {SHIPPED_BASE}/summary.json not found (a finished "
+                        "`foldtune train` run directory is expected; or set retrain_base: true)")
+if config.get("retrain_base") and not config.get("base_training"):
+    raise WorkflowError(f"{_config_source()}: retrain_base: true needs a base_training section (the recipe)")
+TRAINS_BASE = bool(config.get("base_training")) and not SHIPPED_BASE
+BASE_RUN = SHIPPED_BASE or f"{EXP}/runs/base"
 RESOLVED_CONFIG = f"{EXP}/workflow_config.yaml"
 BASELINES = {"ideal-helix": "ideal_helix"}  # --baseline name -> result name
 
@@ -81,17 +90,57 @@ def _targets_tag(targets) -> str:
     return "+".join(targets)
 
 
-def _budget_ranks() -> dict:
-    """Equal-budget mode: {(method, targets_tag, part): rank}, cached in EXP/budget.json by the inputs' hash
-    (every job re-parses the Snakefile; counting builds the model on the meta device, ~seconds)."""
+def _grid_groups() -> list:
+    """The grid's groups of runs: the top-level grid (name "") and every `grid.groups` entry, each with the
+    top-level values for what it does not set. A group's `training` holds dotted overrides of the
+    training section for its runs (e.g. model.train_heads, trainer.lr)."""
     grid = config["grid"]
-    budget = grid["budget"]
-    model_cfg = (config.get("base_training") or config["training"]).get("model", {})
-    adapter_cfg = config["training"].get("adapter", {})
-    methods = [m for m in grid["methods"] if m in ("lora", "lorta", "tlora")]
-    key_payload = json.dumps([model_cfg, adapter_cfg, grid, methods], sort_keys=True, default=str)
+    shared = {key: grid.get(key) for key in ("ranks", "seeds", "targets", "part", "budget", "per_method")}
+    shared["per_method"] = shared["per_method"] or {}
+    groups = [{**shared, "name": "", "label": grid.get("label") or "", "methods": list(grid["methods"]),
+               "training": dict(grid.get("training") or {})}]
+    names = {""}
+    for group in grid.get("groups") or []:
+        if group["name"] in names:
+            raise WorkflowError(f"{_config_source()}: grid.groups: name {group['name']!r} is used twice")
+        names.add(group["name"])
+        groups.append({**shared, "label": group["name"], "training": {},
+                       **{key: value for key, value in group.items() if value is not None}})
+    return groups
+
+
+def _dotted_merge(section: dict, overrides: dict) -> dict:
+    """`section` with dotted-key overrides ({"trainer.lr": 0.01}) applied (nested mappings are copied)."""
+    merged = json.loads(json.dumps(section or {}, default=str))
+    for key, value in overrides.items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return merged
+
+
+def _counted_configs(group: dict, method: str) -> tuple:
+    """(model, adapter) sections as a run of `method` in `group` trains them: what its count depends on."""
+    training = _dotted_merge(config["training"], {**group["training"], **group["per_method"].get(method, {})})
+    # The base's shape (base_training builds it when there is one; base_run is a weights path, no shape)
+    # and the run's head setting (trained heads count).
+    shape = (config.get("base_training") or {}).get("model") or training.get("model") or {}
+    model_cfg = {k: v for k, v in shape.items() if k not in ("base_run", "train_heads")}
+    model_cfg["train_heads"] = bool((training.get("model") or {}).get("train_heads", False))
+    return model_cfg, {**training.get("adapter", {}), "method": method}
+
+
+def _budget_ranks(group: dict) -> dict:
+    """Equal-budget mode of one group: {(method, targets_tag, part): rank}, cached in EXP/budget[_<group>].json
+    by the inputs' hash (every job re-parses the Snakefile; counting builds the model on the meta device)."""
+    budget = group["budget"]
+    methods = [m for m in group["methods"] if m in ("lora", "lorta", "tlora")]
+    counted = {method: _counted_configs(group, method) for method in methods}
+    key_payload = json.dumps([counted, group], sort_keys=True, default=str)
     key = hashlib.sha256(key_payload.encode()).hexdigest()[:16]
-    cache = Path(EXP) / "budget.json"
+    cache = Path(EXP) / (f"budget_{group['name']}.json" if group["name"] else "budget.json")
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
@@ -99,12 +148,12 @@ def _budget_ranks() -> dict:
     from pipeline.budget import rank_for_budget
 
     ranks, table = {}, {}
-    for targets in grid["targets"]:
-        for part in grid["part"]:
+    for targets in group["targets"]:
+        for part in group["part"]:
             for method in methods:
-                choice = rank_for_budget(model_cfg, {**adapter_cfg, "method": method, "targets": list(targets),
-                                                     "part": part}, budget["params"], rule=budget["rule"],
-                                         max_rank=budget["max_rank"])
+                model_cfg, adapter_cfg = counted[method]
+                choice = rank_for_budget(model_cfg, {**adapter_cfg, "targets": list(targets), "part": part},
+                                         budget["params"], rule=budget["rule"], max_rank=budget["max_rank"])
                 ident = (method, _targets_tag(targets), part)
                 ranks[ident] = choice.rank
                 table["|".join(ident)] = {"rank": choice.rank, "trainable_params": choice.params}
@@ -112,37 +161,62 @@ def _budget_ranks() -> dict:
     return ranks
 
 
-def _build_runs() -> dict:
-    """run name -> {method, rank, seed, targets, part}. The untuned base (`none`) is always included."""
-    grid = config["grid"]
-    methods = list(grid["methods"]) + ([] if "none" in grid["methods"] else ["none"])
-    many_targets, many_parts = len(grid["targets"]) > 1, len(grid["part"]) > 1
-    budget_ranks = _budget_ranks() if grid.get("budget") else None
+def _group_runs(group: dict, many_targets: bool, many_parts: bool) -> dict:
+    """run name -> run of one group; names of a named group start with `<group>-`."""
+    budget_ranks = _budget_ranks(group) if group.get("budget") else None
     runs = {}
-    for method in methods:
-        for targets in grid["targets"]:
-            for part in grid["part"]:
+    for method in group["methods"]:
+        for targets in group["targets"]:
+            for part in group["part"]:
                 if method in ("full", "none"):
                     ranks = [0]
                 elif budget_ranks is not None:
                     ranks = [budget_ranks[(method, _targets_tag(targets), part)]]
                 else:
-                    ranks = grid["ranks"]
+                    ranks = group["ranks"]
                 for rank in ranks:
-                    for seed in ([0] if method == "none" else grid["seeds"]):
+                    for seed in group["seeds"]:
                         name = method if method in ("full", "none") else f"{method}_r{rank}"
-                        if method != "none":
-                            name += f"_s{seed}"
+                        name += f"_s{seed}"
                         if many_targets and method not in ("full", "none"):
                             name += f"_{_targets_tag(targets)}"
-                        if many_parts and method != "none":
+                        if many_parts:
                             name += f"_{part}"
+                        if group["name"]:
+                            name = f"{group['name']}-{name}"
+                        settings = {**group["training"], **group["per_method"].get(method, {})}
+                        overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
                         runs.setdefault(name, {"method": method, "rank": rank, "seed": seed,
-                                               "targets": list(targets), "part": part})
+                                               "targets": list(targets), "part": part, "group": group["name"],
+                                               "label": group["label"], "overrides": overrides})
+    return runs
+
+
+def _build_runs() -> dict:
+    """run name -> {method, rank, seed, targets, part, group, label, overrides}. The untuned base (`none`,
+    nothing trains: model.train_heads=false) is always included; `none` in a group that trains the folding
+    head (`model.train_heads: true`) is the head-only control."""
+    groups = _grid_groups()
+    many_targets = len({_targets_tag(t) for g in groups for t in g["targets"]}) > 1
+    many_parts = len({p for g in groups for p in g["part"]}) > 1
+    runs = {"none": {"method": "none", "rank": 0, "seed": 0, "targets": list(groups[0]["targets"][0]),
+                     "part": groups[0]["part"][0], "group": "", "label": "",
+                     "overrides": ["model.train_heads=false"]}}
+    for group in groups:
+        for name, run in _group_runs(group, many_targets, many_parts).items():
+            if run["method"] == "none" and not group["name"]:
+                continue  # the top-level `none` is the reference above
+            if name in runs:
+                raise WorkflowError(f"{_config_source()}: grid: run {name!r} is defined twice")
+            runs[name] = run
     return runs
 
 
 RUNS = _build_runs()
+# Which group each run belongs to, for the report (written only when it changes, like the resolved config).
+GROUPS_FILE = f"{EXP}/groups.json"
+_write_if_changed(GROUPS_FILE, json.dumps({name: {"group": run["group"], "label": run["label"]}
+                                           for name, run in RUNS.items()}, indent=2) + "\n")
 EVAL_SPLITS = list(config["evaluate"]["splits"])
 BASELINE_NAMES = [BASELINES[b] for b in config["evaluate"]["baselines"]]
 SCORED = list(RUNS) + BASELINE_NAMES
@@ -220,7 +294,7 @@ def base_digest(wildcards) -> str:
 
 def train_inputs(wildcards) -> dict:
     inputs = {"manifest": MANIFEST, "splits": SPLITS}
-    if config.get("base_training"):
+    if TRAINS_BASE or SHIPPED_BASE:
         inputs["base"] = f"{BASE_RUN}/summary.json"
     return inputs
 
@@ -238,7 +312,8 @@ def train_overrides(wildcards) -> str:
     ]
     if run["rank"]:
         overrides.append(f"adapter.rank={run['rank']}")
-    if config.get("base_training"):
+    overrides += run["overrides"]
+    if TRAINS_BASE or SHIPPED_BASE:
         overrides.append(f"model.base_run={BASE_RUN}")
     return shlex.join(overrides)
 
@@ -269,6 +344,15 @@ def predict_args(wildcards) -> str:
         if evaluate[key] is not None:
             args += [flag, str(evaluate[key])]
     return shlex.join(args)
+
+
+def batched_run_dirs(wildcards) -> str:
+    return shlex.join(f"{EXP}/runs/{run}" for run in RUNS)
+
+
+def batched_out_template(wildcards) -> str:
+    """`foldtune predict --out` for many runs: {run} is filled in by foldtune with each run's name."""
+    return f"{EXP}/predictions/{{run}}/{wildcards.split}"
 
 
 def predict_digest(wildcards) -> str:

@@ -1,32 +1,64 @@
 # Predict every evaluated split with every run (the untuned base included) and with the baselines; score them.
 
 
-rule predict:
-    input:
-        run=f"{EXP}/runs/{{run}}/summary.json",
-        manifest=MANIFEST,
-        splits=SPLITS,
-    output:
-        f"{EXP}/predictions/{{run}}/{{split}}/predictions.csv",
-    params:
-        run=run_dir,
-        dataset=dataset_dir,
-        out=parent_of_output,
-        args=predict_args,
-        digest=predict_digest,
-    log:
-        f"{LOGS}/predict/{{run}}_{{split}}.log",
-    threads: 1
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../envs/foldtune.yaml"
-    shell:
-        "OMP_NUM_THREADS={threads} foldtune predict --run {params.run} --dataset {params.dataset} "
-        "--splits {input.splits} --split {wildcards.split} --out {params.out} {params.args} --no-progress "
-        "> {log} 2>&1"
+# evaluate.batch_runs: one job per split folds it with every run (see the schema); else one job per run.
+if not config["evaluate"]["batch_runs"]:
+
+    rule predict:
+        input:
+            run=f"{EXP}/runs/{{run}}/summary.json",
+            manifest=MANIFEST,
+            splits=SPLITS,
+        output:
+            f"{EXP}/predictions/{{run}}/{{split}}/predictions.csv",
+        params:
+            run=run_dir,
+            dataset=dataset_dir,
+            out=parent_of_output,
+            args=predict_args,
+            digest=predict_digest,
+        log:
+            f"{LOGS}/predict/{{run}}_{{split}}.log",
+        threads: 1
+        resources:
+            gpu=1,
+            mem_mb=8000,
+            runtime=60,
+        conda:
+            "../envs/foldtune.yaml"
+        shell:
+            "OMP_NUM_THREADS={threads} foldtune predict --run {params.run} --dataset {params.dataset} "
+            "--splits {input.splits} --split {wildcards.split} --out {params.out} {params.args} --no-progress "
+            "> {log} 2>&1"
+
+else:
+
+    rule predict_runs:
+        input:
+            runs=all_summaries(),
+            manifest=MANIFEST,
+            splits=SPLITS,
+        output:
+            [f"{EXP}/predictions/{run}/{{split}}/predictions.csv" for run in RUNS],
+        params:
+            runs=batched_run_dirs,
+            dataset=dataset_dir,
+            out=batched_out_template,
+            args=predict_args,
+            digest=predict_digest,
+        log:
+            f"{LOGS}/predict/runs_{{split}}.log",
+        threads: 1
+        resources:
+            gpu=1,
+            mem_mb=8000,
+            runtime=120,
+        conda:
+            "../envs/foldtune.yaml"
+        shell:
+            "OMP_NUM_THREADS={threads} foldtune predict --run {params.runs} --dataset {params.dataset} "
+            "--splits {input.splits} --split {wildcards.split} --out {params.out} {params.args} --no-progress "
+            "> {log} 2>&1"
 
 
 rule predict_baseline:

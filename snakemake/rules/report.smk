@@ -5,6 +5,7 @@ rule report:
     input:
         scores=all_scores(),
         summaries=all_summaries(),
+        groups=GROUPS_FILE,
     output:
         md=f"{EXP}/report.md",
         html=f"{EXP}/report.html",
@@ -20,4 +21,4 @@ rule report:
         "../envs/foldtune.yaml"
     shell:
         "foldtune report --results {params.results} --out {params.results} --config {params.config} "
-        "--runs {params.runs} > {log} 2>&1"
+        "--runs {params.runs} --groups {input.groups} > {log} 2>&1"

@@ -10,31 +10,34 @@
 # its SLURM time limit (exit 4, no summary.json), so the profile's `retries` resubmit it and it resumes.
 
 
-rule base:
-    input:
-        manifest=MANIFEST,
-        splits=SPLITS,
-    output:
-        f"{BASE_RUN}/summary.json",
-    params:
-        config=RESOLVED_CONFIG,
-        overrides=base_overrides,
-        digest=base_digest,
-        rank_threads=rank_threads,
-    log:
-        f"{LOGS}/train/base.log",
-    # The base is the critical path: start it before the quick side jobs (baselines, scoring).
-    priority: 20
-    threads: 1
-    resources:
-        gpu=model_gpus("base_training"),
-        mem_mb=8000,
-        runtime=240,
-    conda:
-        "../envs/foldtune.yaml"
-    shell:
-        "OMP_NUM_THREADS={params.rank_threads} foldtune train --config {params.config} --section base_training "
-        "--rerun --deadline auto {params.overrides} trainer.threads={params.rank_threads} > {log} 2>&1"
+# Without a base_training section, or with a shipped base (`base_run`), there is no base job.
+if TRAINS_BASE:
+
+    rule base:
+        input:
+            manifest=MANIFEST,
+            splits=SPLITS,
+        output:
+            f"{BASE_RUN}/summary.json",
+        params:
+            config=RESOLVED_CONFIG,
+            overrides=base_overrides,
+            digest=base_digest,
+            rank_threads=rank_threads,
+        log:
+            f"{LOGS}/train/base.log",
+        # The base is the critical path: start it before the quick side jobs (baselines, scoring).
+        priority: 20
+        threads: 1
+        resources:
+            gpu=model_gpus("base_training"),
+            mem_mb=8000,
+            runtime=240,
+        conda:
+            "../envs/foldtune.yaml"
+        shell:
+            "OMP_NUM_THREADS={params.rank_threads} foldtune train --config {params.config} --section base_training "
+            "--rerun --deadline auto {params.overrides} trainer.threads={params.rank_threads} > {log} 2>&1"
 
 
 rule train:
