@@ -85,6 +85,7 @@ def load_groups(path: str | Path | None) -> dict[str, str]:
 def load_runs(results: Path, names: list[str] | None = None, groups: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per run (and per baseline), indexed by run name; `groups`: run -> group label."""
     groups = groups or {}
+    group_order = {label: i for i, label in enumerate(dict.fromkeys(groups.values()))}  # the workflow's order
     rows = []
     runs_dir, scores_dir = results / "runs", results / "scores"
     # Without a list: every run and score directory, except the from-scratch base the grid started from
@@ -104,7 +105,8 @@ def load_runs(results: Path, names: list[str] | None = None, groups: dict[str, s
                 method = HEAD_METHOD
             trainable = int(summary.get("trainable_params") or 0)
             rows.append({
-                "run": name, "group": groups.get(name, ""), "method": method,
+                "run": name, "group": groups.get(name, ""), "group_order": group_order.get(groups.get(name, ""), 0),
+                "method": method,
                 "rank": 0 if full_or_none else int(summary.get("rank") or 0),
                 "targets": "" if full_or_none else _targets_text(summary.get("targets")),
                 "part": "" if method == "none" else str(summary.get("part") or ""),
@@ -119,7 +121,8 @@ def load_runs(results: Path, names: list[str] | None = None, groups: dict[str, s
                 "final_train_loss": summary.get("final_train_loss"),
             })
         elif name in BASELINE_METHODS or (scores_dir / name).is_dir():
-            rows.append({"run": name, "group": groups.get(name, ""), "method": BASELINE_METHODS.get(name, name),
+            rows.append({"run": name, "group": groups.get(name, ""),
+                         "group_order": group_order.get(groups.get(name, ""), 0), "method": BASELINE_METHODS.get(name, name),
                          "rank": 0, "targets": "", "part": "", "seed": 0, "trainable_params": 0,
                          "adapter_params": 0, "head_params": 0, "total_params": None,
                          "train_seconds": 0.0, "steps": 0, "peak_memory_mb": None, "final_train_loss": None})
@@ -185,7 +188,8 @@ def _gain(group: pd.DataFrame, reference: pd.Series, split: str) -> np.ndarray:
 
 
 def _group_order(runs: pd.DataFrame) -> dict[str, int]:
-    return {label: i for i, label in enumerate(dict.fromkeys(runs["group"]))}
+    """group label -> its place in the report: the workflow's group order (groups.json), ungrouped first."""
+    return {label: int(order) for label, order in zip(runs["group"], runs["group_order"])}
 
 
 def summary_table(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -337,6 +341,11 @@ def plot_pareto(summary: pd.DataFrame, path: Path, splits: list[str]) -> Path:
                 ax.axhline(point.tm_mean, ls="--", lw=1.2, color=METHOD_COLORS.get(point.method, "gray"),
                            label=f"{name} ({point.tm_mean:.3f})")
             ax.set_xscale("log")
+            if len(trained):  # at least two decades, so a group at one budget is not a smear of tick labels
+                low, high = float(trained.own_params.min()), float(trained.own_params.max())
+                if high / low < 100:
+                    middle = math.sqrt(low * high)
+                    ax.set_xlim(middle / 10, middle * 10)
             ax.set_xlabel("the method's own trainable parameters" + (" (+ the trained head)" if heads else ""))
             ax.set_ylabel("mean TM-score")
             n_chains = int(table.n_targets.max()) if len(table) else 0

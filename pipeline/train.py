@@ -801,7 +801,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters())
-    head = trainable_head_params(model) if cfg["kind"] == "fold" else 0
+    # `full` fine-tuning trains the head as part of the method: all its parameters are its own.
+    head = trainable_head_params(model) if cfg["kind"] == "fold" and cfg["adapter"]["method"] != "full" else 0
     common = {"kind": cfg["kind"], "method": cfg["adapter"]["method"], "rank": cfg["adapter"]["rank"],
               "targets": list(cfg["adapter"]["targets"]), "part": cfg["adapter"]["part"],
               "train_heads": cfg["model"]["train_heads"], "trainable_params": trainable,
