@@ -336,8 +336,10 @@ def test_merge_unmerge_esm2(method):
         adapters.unmerge(model)
         restored = esm_logits(model, tokens)
     assert len(changed) == 2 * 6  # 6 adapted Linears per layer
+    # fp32: merging rounds each weight (~1e-7 relative); through the layers that reaches ~2e-5 in the logits
+    # on some BLAS kernels, so both comparisons share 1e-4; the exact guard is the weight check below.
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(restored, unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, unmerged, rtol=1e-4, atol=1e-4)
     for n, p in model.named_parameters():
         if n in original:
             torch.testing.assert_close(p, original[n], rtol=0, atol=1e-6)
@@ -355,7 +357,7 @@ def test_merge_unmerge_esmfold(method):
     restored = stem_and_trunk(model)
     for a, b, c in zip(unmerged, merged, restored):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)  # fp32 rounding of merge + unmerge (CI: 1.7e-5)
 
 
 def test_adapters_change_the_esmfold_prediction_from_zero_init():

@@ -5,9 +5,10 @@ of a batch (recycles, dropout) is seeded by its global index, so 2 ranks x batch
 the batches of 1 rank x batch 1 x accumulate 2A in each optimizer step, and the update is the same mean
 gradient: DDP averages the ranks' gradients, accumulation averages the micro-batches' (Lightning divides each
 loss by A). Only the order of the fp32 sums differs, hence a tolerance instead of equality: measured max
-|difference| 4.4e-6 after 4 AdamW steps at lr 3e-3 (Adam's normalisation magnifies rounding where a
-gradient nearly cancels), while any real difference (other batches, one rank's gradient only, a double count)
-moves weights by the order of an update, ~lr = 3e-3: the bound 2e-5 sits far between the two.
+|difference| 4.4e-6 here and 3.8e-5 on the CI machine (other BLAS kernels) after 4 AdamW steps at lr 3e-3 --
+Adam's normalisation magnifies rounding where a gradient nearly cancels, as in a bias of the IPA -- while any
+real difference (other batches, one rank's gradient only) moves weights by the order of an update, ~lr = 3e-3:
+the bound lr / 10 = 3e-4 sits a factor ~8 from each.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(dataset, two_ranks,
     two, one = adapter(two_ranks), adapter(tmp_path / "one")
     assert two.keys() == one.keys() and any("lora_B" in k for k in two) and any("structure_module" in k for k in two)
     for key in two:
-        assert torch.allclose(two[key], one[key], rtol=0, atol=2e-5), (key, (two[key] - one[key]).abs().max())
+        assert torch.allclose(two[key], one[key], rtol=0, atol=3e-4), (key, (two[key] - one[key]).abs().max())
     moved = max(float(v.abs().max()) for k, v in two.items() if "lora_B" in k)
     assert moved > 1e-3  # lora_B starts at 0: the comparison is between trained weights
     summaries = [json.loads((d / "summary.json").read_text()) for d in (two_ranks, tmp_path / "one")]

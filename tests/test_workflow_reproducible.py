@@ -50,7 +50,8 @@ def test_forced_rerun_reproduces_summary_csv_and_groups(tmp_path: Path):
     assert lora.group == "adapter only" and lora.head_params == 0 and lora.adapter_params == lora.trainable_params
     reference = json.loads((exp / "runs" / "none" / "summary.json").read_text())
     assert reference["steps"] == 0 and reference["trainable_params"] == 0  # the untuned base never trains
-    assert sorted(p.name for p in (exp / "logs" / "predict").glob("runs_*.log")) == ["runs_val.log"]
+    # Batched: one predict job per group and split (the reference joins the top-level group, `grid`).
+    assert sorted(p.name for p in (exp / "logs" / "predict").glob("*_val.log")) == ["grid_val.log", "heads_val.log"]
 
     # Everything again from scratch but the data steps (same inputs): every number of summary.csv is the same.
     for name in ("runs", "predictions", "scores", "plots"):
@@ -68,4 +69,5 @@ def test_forced_rerun_reproduces_summary_csv_and_groups(tmp_path: Path):
     config.write_text(yaml.safe_dump(edited, sort_keys=False))
     counts = job_counts(snakemake("--configfile", str(config), "-n", "--forceall", "--directory", str(tmp_path),
                                   cwd=tmp_path).stdout)
-    assert "base" not in counts and counts["train"] == 3 and counts["predict_runs"] == 1
+    assert "base" not in counts and counts["train"] == 3
+    assert counts["predict_grid"] == 1 and counts["predict_heads"] == 1

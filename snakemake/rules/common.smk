@@ -346,8 +346,11 @@ def predict_args(wildcards) -> str:
     return shlex.join(args)
 
 
-def batched_run_dirs(wildcards) -> str:
-    return shlex.join(f"{EXP}/runs/{run}" for run in RUNS)
+# evaluate.batch_runs: the runs each batched predict job folds (one batch per group; the reference joins the
+# top-level group's, named `grid`).
+BATCHES = {}
+for _name, _run in RUNS.items():
+    BATCHES.setdefault(_run["group"] or "grid", []).append(_name)
 
 
 def batched_out_template(wildcards) -> str:
