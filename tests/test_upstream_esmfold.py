@@ -215,3 +215,61 @@ def test_training_forward_equals_upstream_forward(esmfold_dir, adapter):
                         num_recycles=1)
         for key in ("positions", "distogram_logits", "lddt_head"):
             torch.testing.assert_close(out[key], ref[key], rtol=0, atol=1e-4, msg=f"{key} (train={train_mode})")
+
+
+# ------------------------------------------------------------------ recycles of shipped configs, the warning
+
+def _fold_sections():
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        document = yaml.safe_load(path.read_text())
+        for section in ("base_training", "training"):
+            if isinstance(document.get(section), dict) and document[section].get("kind", "fold") == "fold":
+                yield path.name, section, load_config(path, section=section)
+
+
+def test_every_shipped_fold_config_predicts_with_the_recycles_it_trains_with():
+    """A fresh head's default prediction (max_recycles passes) recycles as often as training at most did;
+    esmfold_v1 (pretrained head, max_recycles 4 in its config.json) trains with [0, 3]: 4 passes either way."""
+    from pipeline.models import default_recycles
+
+    checked = []
+    for name, section, cfg in _fold_sections():
+        most = cfg["trainer"]["recycles"][1]
+        if cfg["model"]["source"] == "esmfold_pretrained":
+            assert most == 3, f"{name}: {section}: esmfold_v1 predicts with 3 recycles, trains with up to {most}"
+            continue
+        with torch.device("meta"):
+            model = build_folding_model(cfg["model"])
+        assert default_recycles(model) == most, (f"{name}: {section}: predicts with {default_recycles(model)} "
+                                                 f"recycles, trains with up to {most}")
+        checked.append(name)
+    assert "esm2_35M_fold.yaml" in checked and "demo.yaml" in checked
+
+
+def test_predict_warns_when_a_fresh_head_recycles_more_than_it_trained(tmp_path, capsys):
+    from tests._train_helpers import make_dataset
+
+    ds, splits = make_dataset(tmp_path / "ds", [("1l2y.pdb", "train+test")])
+    runs = {}
+    for name, max_recycles in (("over", 3), ("even", 1)):
+        cfg = resolve({"adapter": {"method": "none"}, "model": {"size": {"trunk": {"max_recycles": max_recycles}}},
+                       "data": {"dataset": str(ds), "splits": str(splits), "val_split": None},
+                       "trainer": {"recycles": [0, 0], "max_steps": 0, "threads": 1},
+                       "output_dir": str(tmp_path / name)})
+        from pipeline.train import train
+
+        runs[name] = train(cfg).run_dir
+    capsys.readouterr()
+    common = ["--dataset", str(ds), "--splits", str(splits), "--split", "test", "--no-progress"]
+    assert main(["predict", "--run", str(runs["over"]), "--out", str(tmp_path / "p1"), *common]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predicting with 2 recycles" in err[0] and "at most 0" in err[0], err
+    assert main(["predict", "--run", str(runs["over"]), "--out", str(tmp_path / "p2"), "--num-recycles", "0",
+                 *common]) == 0
+    assert main(["predict", "--run", str(runs["even"]), "--out", str(tmp_path / "p3"), *common]) == 0
+    assert "warning" not in capsys.readouterr().err
