@@ -11,8 +11,9 @@ token budget, with upstream `EsmForProteinFolding`'s default recycling unless `n
 Precision (`precision=`): "fp32", or "bf16": the ESM-2 stem, the trunk and the heads under bf16 autocast,
 the structure module in fp32 (frames and IPA point distances are where bf16 loses Å). Chunking
 (`chunk_size=`, the trunk's `set_chunk_size`: axial attention over chunks of that many rows, memory ~O(L)
-instead of O(L^2), same values up to fp rounding): default `DEFAULT_CHUNK_SIZE` for a batch holding a
-chain longer than `LONG_CHAIN` residues, none otherwise.
+instead of O(L^2), same values up to fp rounding): default the model config's `trunk.chunk_size` when set
+(none in esmfold_v1 and foldtune's configs), else `DEFAULT_CHUNK_SIZE` for a batch holding a chain longer
+than `LONG_CHAIN` residues, none otherwise.
 
 Which sequence is folded (`sequence=`): "full" (default) folds the deposited sequence of each chain, with
 position ids 0..N-1 along it, as ESMFold does; the PDB gets SEQRES records and the native's author numbering
@@ -397,11 +398,15 @@ def predict_targets(model, targets: Sequence[Target], out_dir: str | Path, max_t
                     progress: bool = True, precision: str = "fp32") -> pd.DataFrame:
     """Fold `targets` in token-budget batches; write one PDB per chain and predictions.csv.
 
-    chunk_size: None = `default_chunk_size` of each batch; precision / num_recycles: see `fold`.
+    chunk_size: None = the model config's `trunk.chunk_size` if set, else `default_chunk_size` of each batch;
+    precision / num_recycles: see `fold`.
     """
     from rich.progress import Progress
 
     check_fold_options(chunk_size, num_recycles, precision, max_tokens)
+    # A chunk size in the model's own config (model.size.trunk.chunk_size, config.json) is the model's default.
+    esmfold_config = getattr(model.config, "esmfold_config", None)
+    configured = getattr(getattr(esmfold_config, "trunk", None), "chunk_size", None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
@@ -410,7 +415,7 @@ def predict_targets(model, targets: Sequence[Target], out_dir: str | Path, max_t
         task = bar.add_task("fold", total=len(targets))
         for batch in batches:
             members = [targets[i] for i in batch]
-            chunk = default_chunk_size([t.length for t in members]) if chunk_size is None else chunk_size
+            chunk = chunk_size if chunk_size is not None else configured or default_chunk_size([t.length for t in members])
             model.trunk.set_chunk_size(chunk)  # set every batch: the model may be shared between calls
             folded = fold(model, members, num_recycles=num_recycles, precision=precision)
             for i, (chain, ptm) in zip(batch, folded):

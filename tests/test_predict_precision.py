@@ -116,3 +116,14 @@ def test_precision_flag_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*common, "--out", str(tmp_path / "fp16"), "--precision", "fp16"])
     assert exit_info.value.code == 2 and "--precision" in capsys.readouterr().err
+
+
+def test_a_chunk_size_in_the_model_config_is_the_default(tmp_path):
+    model = build_folding_model({"source": "random", "size": {"trunk": {"num_blocks": 0, "chunk_size": 8}}}).eval()
+    seen = []
+    hook = model.trunk.register_forward_pre_hook(lambda module, args: seen.append(module.chunk_size))
+    try:
+        predict_targets(model, [Target("s", chain_from_sequence("s", "MKTAYIAKQR"))], tmp_path / "o", progress=False)
+    finally:
+        hook.remove()
+    assert seen == [8]
