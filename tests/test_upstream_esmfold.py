@@ -187,7 +187,8 @@ def _training_batch(sequences: list[str], reference: EsmForProteinFolding) -> di
         out = reference(aatype, attention_mask=mask, position_ids=position_ids, num_recycles=0)
     truth = atom14_to_atom37(out["positions"][-1], {k: out[k] for k in ("residx_atom37_to_atom14", "atom37_atom_exists")})
     return {"aatype": aatype, "mask": mask.float(), "residue_index": position_ids, "atom37_positions": truth,
-            "atom37_mask": out["atom37_atom_exists"].float(), "chain_id": list(SEQUENCES)}
+            "atom37_mask": out["atom37_atom_exists"].float(), "resolution": torch.tensor([1.5, 2.5]),
+            "chain_id": list(SEQUENCES)}
 
 
 @pytest.mark.parametrize("adapter", [
