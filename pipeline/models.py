@@ -418,10 +418,18 @@ def build_esmfold_pretrained(path: str, size: dict | None = None) -> FoldingMode
             raise ModelSourceError(f"model.path: {path}: no such directory; {hint}")
         _require_network("huggingface.co", f"model.path: {path!r}", hint)
         source, kwargs = str(path), {}
+    config = EsmConfig.from_pretrained(source, **kwargs)
     if _on_meta_device():
-        return FoldingModel(EsmConfig.from_pretrained(source, **kwargs))
-    model = FoldingModel.from_pretrained(source, dtype=torch.float32, **kwargs)
-    model.esm.float()  # fp16_esm checkpoints: keep fp32 weights, autocast picks the compute dtype
+        return FoldingModel(config)
+    # fp16_esm (esmfold_v1: true) makes upstream's __init__ halve the stem before the weights load, which
+    # rounds the fp32 checkpoint to fp16 (up to 5e-4 per weight). Build with an fp32 stem so the weights load
+    # exactly, then restore the directory's flag (kept for save_pretrained / export); autocast picks the
+    # compute dtype (`foldtune predict --precision`).
+    fp16_esm = config.esmfold_config.fp16_esm
+    config.esmfold_config.fp16_esm = False
+    model = FoldingModel.from_pretrained(source, config=config, dtype=torch.float32, **kwargs)
+    model.config.esmfold_config.fp16_esm = fp16_esm
+    model.esm.float()  # a checkpoint stored in fp16: fp32 parameters all the same
     return model
 
 
