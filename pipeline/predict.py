@@ -415,7 +415,8 @@ def predict_targets(model, targets: Sequence[Target], out_dir: str | Path, max_t
         task = bar.add_task("fold", total=len(targets))
         for batch in batches:
             members = [targets[i] for i in batch]
-            chunk = chunk_size if chunk_size is not None else configured or default_chunk_size([t.length for t in members])
+            chunk = chunk_size if chunk_size is not None else (
+                configured or default_chunk_size([t.length for t in members]))
             model.trunk.set_chunk_size(chunk)  # set every batch: the model may be shared between calls
             folded = fold(model, members, num_recycles=num_recycles, precision=precision)
             for i, (chain, ptm) in zip(batch, folded):

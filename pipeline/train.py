@@ -443,7 +443,8 @@ class FoldingTask(_Task):
 
     clamp_fape = True  # FAPE clamped at 10 Å in the next compute_loss; training_step draws it per batch
 
-    def compute_loss(self, batch: dict, num_recycles: int, clamp_fape: bool | None = None) -> tuple[torch.Tensor, dict, Any]:
+    def compute_loss(self, batch: dict, num_recycles: int,
+                     clamp_fape: bool | None = None) -> tuple[torch.Tensor, dict, Any]:
         """`folding_loss` (fp32 whatever the precision) of one forward; `clamp_fape` (default: the attribute, which
         training_step sets per batch): FAPE clamped at 10 Å."""
         from pipeline.losses import DEFAULT_WEIGHTS, folding_loss

@@ -41,7 +41,8 @@ def test_bf16_predictions_are_cast_up_and_the_truth_never_down():
 
 def test_plddt_target_of_a_residue_without_neighbours_is_one_as_in_af2():
     """Residues 1-2 are 3.8 Å apart, residue 3 is 40 Å from both (no observed CA within 15 Å). AF2/openfold give
-    it lDDT 1 (eps·(1 + 0)/(eps + 0)), bin 49; residues 1-2 keep theirs (their distance 1.5 Å off: 2 of 4 thresholds, 0.5 -> bin 25)."""
+    it lDDT 1 (eps·(1 + 0)/(eps + 0)), bin 49; residues 1-2 keep theirs (their distance 1.5 Å off: 2 of 4
+    thresholds, 0.5 -> bin 25)."""
     true_ca = torch.tensor([[[0.0, 0, 0], [3.8, 0, 0], [43.8, 0, 0]]])
     pred_ca = torch.tensor([[[0.0, 0, 0], [5.3, 0, 0], [13.0, 7.0, 0]]])  # residue 3 placed anywhere
     mask = torch.ones(1, 3)

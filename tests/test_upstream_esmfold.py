@@ -171,18 +171,21 @@ def test_fold_matches_upstream_forward_within_1e4(esmfold_dir, num_recycles):
     seqs = list(SEQUENCES.values())
     results = {}
     passes_ours = count_trunk_passes(ours, lambda: results.update(ours=fold(ours, targets(), num_recycles)))
-    if num_recycles is None:
-        call = lambda: results.update(up=reference.infer(seqs))  # noqa: E731
-    else:
-        call = lambda: results.update(up=reference(*upstream_inputs(seqs)[:2], position_ids=upstream_inputs(seqs)[2],  # noqa: E731
-                                                   num_recycles=num_recycles))
+    aatype, mask, position_ids = upstream_inputs(seqs)
+
+    def call() -> None:
+        if num_recycles is None:
+            results["up"] = reference.infer(seqs)
+        else:
+            results["up"] = reference(aatype, mask, position_ids=position_ids, num_recycles=num_recycles)
     with torch.no_grad():
         passes_up = count_trunk_passes(reference, call)
     assert passes_ours == passes_up == (4 if num_recycles is None else num_recycles + 1)
     from transformers.models.esm.openfold_utils import atom14_to_atom37
 
     up = results["up"]
-    atom37 = atom14_to_atom37(up["positions"][-1], {k: up[k] for k in ("residx_atom37_to_atom14", "atom37_atom_exists")})
+    features = {k: up[k] for k in ("residx_atom37_to_atom14", "atom37_atom_exists")}
+    atom37 = atom14_to_atom37(up["positions"][-1], features)
     for row, (chain, _) in enumerate(results["ours"]):
         n = len(chain.aatype)
         exists = up["atom37_atom_exists"][row, :n].numpy() > 0
@@ -199,7 +202,8 @@ def _training_batch(sequences: list[str], reference: EsmForProteinFolding) -> di
     aatype, mask, position_ids = upstream_inputs(sequences)
     with torch.no_grad():
         out = reference(aatype, attention_mask=mask, position_ids=position_ids, num_recycles=0)
-    truth = atom14_to_atom37(out["positions"][-1], {k: out[k] for k in ("residx_atom37_to_atom14", "atom37_atom_exists")})
+    features = {k: out[k] for k in ("residx_atom37_to_atom14", "atom37_atom_exists")}
+    truth = atom14_to_atom37(out["positions"][-1], features)
     return {"aatype": aatype, "mask": mask.float(), "residue_index": position_ids, "atom37_positions": truth,
             "atom37_mask": out["atom37_atom_exists"].float(), "resolution": torch.tensor([1.5, 2.5]),
             "chain_id": list(SEQUENCES)}
