@@ -277,10 +277,17 @@ def init_folding_head(model: FoldingModel) -> None:
 
 def head_parameters(model: FoldingModel) -> dict[str, torch.nn.Parameter]:
     """Parameters of the folding head outside the trunk blocks (what `model.train_heads` trains): the
-    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads."""
+    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads.
+
+    Adapter parameters attached inside these modules (target `sm`: the structure module) are the adapter's,
+    not the head's, so they are left out.
+    """
+    import adapters
+
+    own = set(adapters.adapter_parameter_names(model))
     params: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
-        if any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
+        if name not in own and any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
             params[name] = param
     return params
 
