@@ -33,9 +33,12 @@ def alphabet() -> Alphabet:
 def build_language_model(model_cfg: dict) -> ESM2:
     """fair-esm ESM2 from `model.esm2` (release name or local .pt), or a tiny random one (`source: random`).
 
-    `model.size` may override num_layers / embed_dim / attention_heads of the random model.
+    `model.size` may override num_layers / embed_dim / attention_heads of the random model. The release's
+    contact regression (`<name>-contact-regression.pt`) is loaded when found; `has_contact_regression`
+    on the returned model says whether it was (without it the contact head is random: see
+    `require_contact_regression`).
     """
-    from pipeline.models import read_fair_esm_checkpoint
+    from pipeline.models import has_contact_regression, read_fair_esm_checkpoint
 
     source = model_cfg.get("esm2")
     if model_cfg.get("source", "random") == "random" and not source:
@@ -45,20 +48,36 @@ def build_language_model(model_cfg: dict) -> ESM2:
             raise ValueError(f"model.size.{sorted(unknown)[0]}: unknown for kind lm ({', '.join(TINY_LM)})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random LM weights are a function of the config alone
-            return ESM2(alphabet=alphabet(), token_dropout=True, **size)
+            model = ESM2(alphabet=alphabet(), token_dropout=True, **size)
+        model.has_contact_regression = False
+        return model
     if not source:
         raise ValueError("model.esm2: kind lm needs a fair-esm name or a local .pt (or model.source: random)")
     on_meta = torch.empty(0).device.type == "meta"
     state, (layers, dim, heads), token_dropout = read_fair_esm_checkpoint(source, weights=not on_meta)
     model = ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet=alphabet(),
                  token_dropout=token_dropout)
+    model.has_contact_regression = has_contact_regression(state)
     if not on_meta:
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("contact_head")]
+        if not model.has_contact_regression:
+            missing = [k for k in missing if not k.startswith("contact_head.")]
         if missing or unexpected:
             raise ValueError(f"model.esm2: {source}: does not fit ESM2{(layers, dim, heads)}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+class NoContactRegression(ValueError):
+    """Contacts were asked of a model whose contact head is not the release's trained regression."""
+
+
+def require_contact_regression(model: torch.nn.Module, what: str) -> None:
+    """Raise NoContactRegression (one line naming `what`) unless `model` carries the trained contact head."""
+    if not getattr(model, "has_contact_regression", False):
+        raise NoContactRegression(
+            f"{what}: no contact regression weights (fair-esm's <name>-contact-regression.pt next to the "
+            "checkpoint); its contact head would be random, so contact precision is not reported")
 
 
 def mask_tokens(tokens: torch.Tensor, generator: torch.Generator,
