@@ -22,12 +22,19 @@ TINY_NAME = "esm2_t2_32_tiny"
 
 
 def random_esm2(layers: int = 2, embed_dim: int = 32, heads: int = 4, token_dropout: bool = True,
-                seed: int = 0) -> ESM2:
-    """fair-esm ESM2 with every parameter random (layer-norm scales ~1, so a misplaced norm shows)."""
+                seed: int = 0, perturb: bool = True) -> ESM2:
+    """fair-esm ESM2 with every parameter random (layer-norm scales ~1, so a misplaced norm shows); with
+    `perturb=False` fair-esm's own initialisation (trainable as usual) and a random contact regression."""
     generator = torch.Generator().manual_seed(seed)
-    model = ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads,
-                 alphabet=Alphabet.from_architecture("ESM-1b"), token_dropout=token_dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads,
+                     alphabet=Alphabet.from_architecture("ESM-1b"), token_dropout=token_dropout)
     with torch.no_grad():
+        if not perturb:
+            regression = model.contact_head.regression
+            regression.weight.copy_(torch.randn(regression.weight.shape, generator=generator))
+            return model.eval()
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
             if "layer_norm" in name and name.endswith("weight"):

@@ -3,9 +3,15 @@ loaded by fair-esm itself and by our two loaders (`kind: lm` and the ESMFold ste
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from esm.data import Alphabet
+from transformers.models.esm.openfold_utils import residue_constants as rc
 
 from pipeline.lm import NoContactRegression, build_language_model, require_contact_regression
 from pipeline.models import build_folding_model
@@ -116,3 +122,76 @@ def test_stem_of_a_pretrained_directory_is_frozen(tmp_path):
     model = build_folding_model({"source": "esmfold_pretrained", "path": str(tmp_path / "esmfold")})
     trainable = [name for name, p in model.esm.named_parameters() if p.requires_grad]
     assert not trainable and not model.stem_trainable
+
+
+# ------------------------------------------------------------------------------- contact precision oracle
+
+def _hand_precision(probs: np.ndarray, chain, low: int, high: int | None, fraction: float) -> float:
+    """Top-k precision written out pair by pair: Cβ (CA for Gly) < 8 Å, separation along the deposited
+    sequence, pairs with an unobserved residue (or one without its atom) left out, k = floor(f N), misses
+    for missing pairs."""
+    n = len(chain.sequence)
+    atoms = []
+    for pos in range(n):
+        name = "CA" if chain.sequence[pos] == "G" else "CB"
+        index = rc.atom_order[name]
+        ok = bool(chain.observed[pos]) and chain.atom37_mask[pos, index] > 0.5
+        atoms.append(chain.atom37_positions[pos, index] if ok else None)
+    pairs = []
+    for a in range(n):
+        for b in range(a + 1, n):
+            sep = abs(int(chain.residue_index[b]) - int(chain.residue_index[a]))
+            if sep < low or (high is not None and sep > high) or atoms[a] is None or atoms[b] is None:
+                continue
+            contact = float(np.sqrt(((atoms[a] - atoms[b]) ** 2).sum())) < 8.0
+            pairs.append((-float(probs[a, b]), a, b, contact))
+    if not pairs:
+        return float("nan")
+    pairs.sort(key=lambda p: (p[0], p[1], p[2]))
+    k = max(1, int(n * fraction))
+    return sum(p[3] for p in pairs[:k]) / k
+
+
+def test_contact_precision_equals_a_hand_computation_from_fair_esm(tmp_path):
+    """`foldtune contacts` on a gapped chain (1bhl: a 16-residue internal gap) and a chain with missing
+    termini (1orc) equals the hand computation from fair-esm's own `predict_contacts` on the fixture."""
+    from data.chains import chain_path, load_chain
+    from pipeline.cli import main
+    from tests._train_helpers import make_dataset
+
+    path = write_esm2_checkpoint(tmp_path / "esm", random_esm2(layers=2, embed_dim=32, heads=4, seed=3))
+    dataset, splits = make_dataset(tmp_path / "ds", [("1bhl.pdb", "test"), ("1orc.pdb", "test"),
+                                                     ("1l2y.pdb", "train")])
+    out = tmp_path / "contacts" / "test.csv"
+    assert main(["contacts", "--esm2", str(path), "--dataset", str(dataset), "--splits", str(splits),
+                 "--split", "test", "--out", str(out), "--no-progress"]) == 0
+    table = pd.read_csv(out).set_index("chain_id")
+    assert sorted(table.index) == ["1bhl_A", "1orc_A"]
+    summary = json.loads(out.with_suffix(".json").read_text())
+    fair = load_with_fair_esm(path)
+    ranges = {"short": (6, 11), "medium": (12, 23), "long": (24, None)}
+    fractions = {"P@L": 1.0, "P@L/2": 0.5, "P@L/5": 0.2}
+    naive_differs = False
+    for chain_id in table.index:
+        chain = load_chain(chain_path(dataset, chain_id))
+        assert not chain.observed.all()  # the point of these chains: unobserved residues in the sequence
+        tokens = Alphabet.from_architecture("ESM-1b").get_batch_converter()([(chain_id, chain.sequence)])[2]
+        with torch.no_grad():
+            probs = fair.predict_contacts(tokens)[0].numpy()
+        for name, (low, high) in ranges.items():
+            for label, fraction in fractions.items():
+                want = _hand_precision(probs, chain, low, high, fraction)
+                assert table.at[chain_id, f"{name}_{label}"] == pytest.approx(want, abs=1e-6), (chain_id, name, label)
+                # separation counted over the observed residues only (array positions) would differ somewhere
+                kept = np.flatnonzero(chain.observed)
+                squeezed = dataclasses.replace(chain, residue_index=np.arange(len(kept)),
+                                               sequence="".join(chain.sequence[i] for i in kept),
+                                               aatype=chain.aatype[kept], observed=chain.observed[kept],
+                                               atom37_positions=chain.atom37_positions[kept],
+                                               atom37_mask=chain.atom37_mask[kept])
+                naive = _hand_precision(probs[np.ix_(kept, kept)], squeezed, low, high, fraction)
+                naive_differs |= not (naive == pytest.approx(want, abs=1e-6))
+    assert naive_differs
+    for column, mean in summary["mean"].items():
+        assert mean == pytest.approx(table[column].mean(), abs=1e-6)
+    assert summary["chains"] == 2 and summary["method"] == "none"
