@@ -101,3 +101,12 @@ def test_lm_workflow_end_to_end(tmp_path: Path):
 
     again = snakemake("--configfile", str(config_path), "-n", "--directory", str(tmp_path), cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+
+
+def test_shipped_lm_config_lints_and_plans_contacts(tmp_path: Path):
+    config = REPO / "configs" / "esm2_lm.yaml"
+    lint = snakemake("--configfile", str(config), "--lint", "--directory", str(tmp_path), cwd=tmp_path)
+    assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, (lint.stdout + lint.stderr)[-3000:]
+    counts = job_counts(snakemake("--configfile", str(config), "-n", "--directory", str(tmp_path), cwd=tmp_path).stdout)
+    # lorta, lora, tlora at ranks 1 and 8, plus the untuned base: each trained and scored for contacts once
+    assert counts["train"] == 7 and counts["contacts"] == 7 and counts["report"] == 1
