@@ -60,8 +60,10 @@ def build_language_model(model_cfg: dict) -> ESM2:
         raise ValueError("model.esm2: kind lm needs a fair-esm name or a local .pt (or model.source: random)")
     on_meta = torch.empty(0).device.type == "meta"
     state, (layers, dim, heads), token_dropout = read_fair_esm_checkpoint(source, weights=not on_meta)
-    model = ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet=alphabet(),
-                 token_dropout=token_dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # what the checkpoint lacks (a contact head without its regression file) is
+        model = ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet=alphabet(),
+                     token_dropout=token_dropout)  # the same in every process, so the base fingerprint is too
     model.has_contact_regression = has_contact_regression(state)
     if not on_meta:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -129,8 +129,12 @@ def test_lm_training_run_lowers_loss_and_reports_contacts(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["method"] == "lora"
 
 
-def test_lm_without_contact_regression_reports_no_contacts(tmp_path, capsys):
-    cfg = _lm_config(tmp_path, {"source": "random"}, steps=2)
+@pytest.mark.parametrize("source", ["random", "checkpoint without its regression file"])
+def test_lm_without_contact_regression_reports_no_contacts(tmp_path, capsys, source):
+    model = {"source": "random"}
+    if source != "random":
+        model = {"esm2": str(write_esm2_checkpoint(tmp_path / "esm", random_esm2(perturb=False), regression=False))}
+    cfg = _lm_config(tmp_path, model, steps=2)
     train(cfg)
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert "val_perplexity" in metrics.columns and "val_contact_p_at_l" not in metrics.columns
