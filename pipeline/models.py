@@ -492,6 +492,7 @@ def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, t
 
 
 def has_contact_regression(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a fair-esm state dict carries the trained contact regression (else the head is random)."""
     return "contact_head.regression.weight" in state
 
 
