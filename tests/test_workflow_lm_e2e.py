@@ -20,7 +20,7 @@ from tests.test_workflow_dag import job_counts, snakemake
 from tests.test_workflow_e2e import CHAINS, SAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["lora", "lorta", "tlora", "full", "none"]
+METHODS = ["lora", "lorta", "tlora", "full", "none"]  # every method foldtune has
 ADAPTER = {"alpha": 4, "part": "stem", "targets": ["attn", "mlp"]}
 
 
@@ -60,17 +60,15 @@ def expected_trainable(config: dict, method: str) -> int:
 def test_lm_workflow_end_to_end(tmp_path: Path):
     config_path = lm_config(tmp_path)
     config = yaml.safe_load(config_path.read_text())
-    counts = job_counts(snakemake("--configfile", str(config_path), "-n", "--directory", str(tmp_path),
-                                  cwd=tmp_path).stdout)
-    assert counts["train"] == len(METHODS) and counts["contacts"] == len(METHODS)
-    assert "predict" not in counts and "score" not in counts and "predict_baseline" not in counts
-
     profile = REPO / "snakemake" / "profiles" / "local"
     result = snakemake("--configfile", str(config_path), "--workflow-profile", str(profile), "--cores", "2",
                        "--resources", "gpu=2", "--directory", str(tmp_path), cwd=tmp_path, timeout=600)
     exp = tmp_path / "results" / "micro_lm"
     logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(exp.glob("logs/**/*.log")))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:] + logs
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["train"] == len(METHODS) and counts["contacts"] == len(METHODS)
+    assert "predict" not in counts and "score" not in counts and "predict_baseline" not in counts
 
     test_chains = set(pd.read_csv(exp / "splits.csv").query("split == 'test'").chain_id)
     names = {"lora": "lora_r2_s0", "lorta": "lorta_r2_s0", "tlora": "tlora_r2_s0", "full": "full_s0", "none": "none"}
