@@ -75,7 +75,10 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "threads": None,
     },
-    "loss": {"fape_bb": 0.5, "fape_sc": 0.5, "distogram": 0.3, "plddt": 0.01, "chi": 1.0},
+    # Term weights, and AF2's options: FAPE clamped at 10 Å in this fraction of batches (the rest unclamped,
+    # drawn per global batch from trainer.seed), pLDDT loss only on chains with resolution in [min, max] Å.
+    "loss": {"fape_bb": 0.5, "fape_sc": 0.5, "distogram": 0.3, "plddt": 0.01, "chi": 1.0,
+             "fape_clamp_fraction": 0.9, "plddt_resolution": [0.1, 3.0]},
     "output_dir": "results/demo/runs/lorta_r8_s0",
 }
 
@@ -303,9 +306,15 @@ def validate(cfg: dict) -> None:
     _int(cfg, "trainer.threads", minimum=1, optional=True)
 
     loss = cfg["loss"]
-    for term in loss:
-        _choice(term, f"loss.{term}", LOSS_TERMS)
+    for term in LOSS_TERMS:
         _number(cfg, f"loss.{term}", minimum=0.0)
+    _number(cfg, "loss.fape_clamp_fraction", minimum=0.0)
+    _check(loss["fape_clamp_fraction"] <= 1.0, "loss.fape_clamp_fraction", "must be <= 1 (a fraction of batches)",
+           loss["fape_clamp_fraction"])
+    window = loss["plddt_resolution"]
+    _check(window is None or (isinstance(window, (list, tuple)) and len(window) == 2
+                              and all(_is_number(v) for v in window) and 0 <= window[0] <= window[1]),
+           "loss.plddt_resolution", "expected null or [min, max] Å with 0 <= min <= max", window)
 
     _str(cfg["output_dir"], "output_dir")
 

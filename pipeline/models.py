@@ -110,6 +110,15 @@ def _checkpointed_call(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+def _fp32_structure_call(forward, evoformer_output_dict: dict, aatype: torch.Tensor,
+                         mask: torch.Tensor | None = None, **kwargs):
+    """Run the structure module with autocast off and fp32 inputs (single (B, L, C_s), pair (B, L, L, C_z)):
+    rigid-frame composition and IPA point distances lose Å-scale precision in bf16."""
+    with torch.autocast(device_type=aatype.device.type, enabled=False):
+        inputs = {key: value.float() for key, value in evoformer_output_dict.items()}
+        return forward(inputs, aatype, None if mask is None else mask.float(), **kwargs)
+
+
 class FoldingModel(EsmForProteinFolding):
     """`EsmForProteinFolding` whose ESM-2 stem can be trained.
 
@@ -132,6 +141,17 @@ class FoldingModel(EsmForProteinFolding):
             elif not enabled and plain is not None:
                 block.forward = plain
                 del block._plain_forward
+
+    def set_fp32_structure_module(self, enabled: bool) -> None:
+        """Keep the structure module in fp32 under autocast (bf16 prediction); module names are unchanged."""
+        module = self.trunk.structure_module
+        plain = module.__dict__.get("_plain_forward")
+        if enabled and plain is None:
+            module._plain_forward = module.forward
+            module.forward = functools.partial(_fp32_structure_call, module._plain_forward)
+        elif not enabled and plain is not None:
+            module.forward = plain
+            del module._plain_forward
 
     def language_model_features(self, esmaa: torch.Tensor) -> torch.Tensor:
         """Stacked ESM-2 hidden states `(B, L, n_layers + 1, C)` in the trunk's dtype.
@@ -158,7 +178,9 @@ class FoldingModel(EsmForProteinFolding):
         """Fold a batch.
 
         input_ids: (B, L) AF2-order residue indices; attention_mask: (B, L) 1 = residue;
-        position_ids: (B, L) residue numbers; num_recycles: n gives n + 1 trunk iterations.
+        position_ids: (B, L) residue numbers; num_recycles: n gives n + 1 trunk passes, None upstream's
+        default of `max_recycles` passes (`default_recycles`; one pass for max_recycles 0, where upstream
+        would run none and fail).
         Output fields as upstream (positions (n_sm, B, L, 14, 3) Å, plddt (B, L, 37) in [0, 1], ...).
         """
         cfg = self.config.esmfold_config
@@ -614,3 +636,9 @@ def _build_folding_model(model_cfg: dict) -> FoldingModel:
 
 def max_recycles(model: FoldingModel) -> int:
     return int(model.config.esmfold_config.trunk.max_recycles)
+
+
+def default_recycles(model: FoldingModel) -> int:
+    """Recycles of a forward with `num_recycles=None`, as upstream `EsmForProteinFolding`: `max_recycles`
+    trunk passes, i.e. max_recycles - 1 recycles (0 for max_recycles 0: a single pass)."""
+    return max(max_recycles(model) - 1, 0)
