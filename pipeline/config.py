@@ -19,7 +19,8 @@ KINDS = ("fold", "lm")
 SOURCES = ("random", "esmfold_pretrained", "esm2_stem")
 METHODS = ("lora", "lorta", "tlora", "full", "none")
 PARTS = ("stem", "trunk", "all")
-TARGETS = ("attn", "mlp", "qv")
+TARGETS = ("attn", "mlp", "qv", "trimul", "sm")  # = adapters.spec.TARGET_ROLES (a test checks)
+FOLD_ONLY_TARGETS = ("trimul", "sm")  # the trunk's triangle multiplications, the structure module
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 LOSS_TERMS = ("fape_bb", "fape_sc", "distogram", "plddt", "chi")
@@ -258,6 +259,9 @@ def validate(cfg: dict) -> None:
            "adapter.targets", "expected a non-empty list", adapter["targets"])
     for target in adapter["targets"]:
         _choice(target, "adapter.targets", TARGETS)
+        if target in FOLD_ONLY_TARGETS:
+            _check(cfg["kind"] == "fold" and adapter["part"] != "stem", "adapter.targets",
+                   f"{target} is in ESMFold's trunk: needs kind fold and part trunk or all", target)
     _choice(adapter["part"], "adapter.part", PARTS)
     _number(cfg, "adapter.dropout", minimum=0.0)
     _check(adapter["dropout"] < 1.0, "adapter.dropout", "must be < 1", adapter["dropout"])

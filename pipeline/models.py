@@ -43,6 +43,7 @@ from adapters.zoo import FAIR_ESM2
 
 HUB_ESMFOLD = "facebook/esmfold_v1"
 FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+FAIR_ESM_REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
 
 # fair-esm ESM-2 releases: name -> (layers, embed_dim, heads), one table shared with `foldtune params`.
 # Used to size a model on the meta device without downloading it, and to validate names early.
@@ -299,10 +300,17 @@ def init_folding_head(model: FoldingModel) -> None:
 
 def head_parameters(model: FoldingModel) -> dict[str, torch.nn.Parameter]:
     """Parameters of the folding head outside the trunk blocks (what `model.train_heads` trains): the
-    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads."""
+    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads.
+
+    Adapter parameters attached inside these modules (target `sm`: the structure module) are the adapter's,
+    not the head's, so they are left out.
+    """
+    import adapters
+
+    own = set(adapters.adapter_parameter_names(model))
     params: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
-        if any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
+        if name not in own and any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
             params[name] = param
     return params
 
@@ -429,6 +437,9 @@ def build_esmfold_pretrained(path: str, size: dict | None = None) -> FoldingMode
     config.esmfold_config.fp16_esm = False
     model = FoldingModel.from_pretrained(source, config=config, dtype=torch.float32, **kwargs)
     model.config.esmfold_config.fp16_esm = fp16_esm
+    # from_pretrained leaves every weight trainable, undoing EsmForProteinFolding's frozen stem: the stem
+    # would then build a graph in plain forwards and `adapters.detach` would restore it as trainable.
+    model.esm.requires_grad_(False)
     model.esm.float()  # a checkpoint stored in fp16: fp32 parameters all the same
     return model
 
@@ -437,17 +448,44 @@ def _cfg_get(cfg: Any, key: str) -> Any:
     return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
 
 
+def _torch_load(path: Path) -> Any:
+    """`torch.load` on CPU, memory-mapped when the file is a zip archive (the legacy non-zip serialization
+    of older torch versions cannot be mapped and is read whole)."""
+    import zipfile
+
+    return torch.load(str(path), map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+
+
+def regression_path(checkpoint: Path) -> Path:
+    """fair-esm's location of a checkpoint's contact regression: `<stem>-contact-regression.pt` next to it."""
+    return checkpoint.with_name(f"{checkpoint.stem}-contact-regression.pt")
+
+
+def _read_regression(path: Path, source: str) -> dict[str, torch.Tensor]:
+    data = _torch_load(path)
+    state = data.get("model") if isinstance(data, dict) else None
+    keys = {"contact_head.regression.weight", "contact_head.regression.bias"}
+    if not isinstance(state, dict) or set(state) != keys:
+        raise ValueError(f"model.esm2: {path}: not a fair-esm contact regression (expected 'model' with "
+                         f"{sorted(keys)}) for {source}")
+    return dict(state)
+
+
 def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, tuple[int, int, int], bool]:
     """Load a fair-esm ESM-2 checkpoint (local `.pt` or release name).
 
-    Returns (state_dict with fair-esm module names, (layers, embed_dim, heads), token_dropout).
+    Returns (state_dict with fair-esm module names, (layers, embed_dim, heads), token_dropout). The state
+    includes `contact_head.regression.*` when the release's separate `<name>-contact-regression.pt` is found
+    (next to a local file; in the torch hub cache or downloaded for a name), as fair-esm loads it.
     With `weights=False` a release name is sized from `FAIR_ESM2_MODELS` without any download.
     """
     path = Path(source).expanduser()
+    regression: Path | None = None
     if path.suffix == ".pt" or path.exists():
         if not path.is_file():
             raise ModelSourceError(f"model.esm2: {path}: no such file")
-        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        data = _torch_load(path)
+        regression = regression_path(path)
     else:
         if source not in FAIR_ESM2_MODELS:
             raise ModelSourceError(f"model.esm2: {source!r}: not a file and not a fair-esm ESM-2 name "
@@ -456,12 +494,14 @@ def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, t
             return {}, FAIR_ESM2_MODELS[source], True
         cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{source}.pt"
         if cached.is_file():
-            data = torch.load(str(cached), map_location="cpu", weights_only=False, mmap=True)
+            data = _torch_load(cached)
         else:
             _require_network("dl.fbaipublicfiles.com", f"model.esm2: {source!r}",
                              f"download {FAIR_ESM_URL.format(name=source)} elsewhere and pass model.esm2=/path/{source}.pt")
             import esm.pretrained
             data = esm.pretrained.load_hub_workaround(FAIR_ESM_URL.format(name=source))
+            esm.pretrained.load_hub_workaround(FAIR_ESM_REGRESSION_URL.format(name=source))  # into the hub cache
+        regression = regression_path(cached)
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"model.esm2: {source}: not a fair-esm checkpoint (expected a dict with 'model')")
     if "cfg" in data:
@@ -483,7 +523,14 @@ def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, t
                 name = name[len(prefix):]
                 break
         state[name] = tensor
+    if regression is not None and regression.is_file() and not any(k.startswith("contact_head.") for k in state):
+        state.update(_read_regression(regression, source))
     return state, tuple(int(d) for d in dims), token_dropout
+
+
+def has_contact_regression(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a fair-esm state dict carries the trained contact regression (else the head is random)."""
+    return "contact_head.regression.weight" in state
 
 
 _LAYER_MAP = {
@@ -537,7 +584,9 @@ def esm2_stem_config(dims: tuple[int, int, int], token_dropout: bool, num_blocks
     trunk = _apply_overrides({**ESMFOLD_TRUNK, "num_blocks": num_blocks}, trunk_size)
     stem = {"hidden_size": embed_dim, "num_hidden_layers": layers, "num_attention_heads": heads,
             "intermediate_size": 4 * embed_dim}
-    return esm_config(stem, trunk, token_dropout=token_dropout, emb_layer_norm_before=False, layer_norm_eps=1e-5)
+    # ESM-2 has no dropout (fair-esm's layers have none); HF's EsmConfig defaults to 0.1 on both.
+    return esm_config(stem, trunk, token_dropout=token_dropout, emb_layer_norm_before=False, layer_norm_eps=1e-5,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def build_esm2_stem(source: str, num_blocks: int, size: dict | None = None) -> FoldingModel:

@@ -544,9 +544,11 @@ class LMTask(_Task):
         generator = torch.Generator().manual_seed(self.cfg["trainer"]["seed"] * 1000003 + chains_key)
         masked, targets = mask_tokens(batch["tokens"], generator)
         loss, count = masked_lm_loss(self.model(masked)["logits"], targets)
-        contacts = self.model(batch["tokens"], return_contacts=True)["contacts"]
         per_chain: dict[str, list[float]] = {"val_contact_p_at_l": [], "val_contact_p_at_l5": []}
-        for row, chain_id in enumerate(batch["chain_id"]):
+        # Without the release's contact regression the contact head is random: no contact metrics then.
+        with_contacts = getattr(self.model, "has_contact_regression", False)
+        contacts = self.model(batch["tokens"], return_contacts=True)["contacts"] if with_contacts else None
+        for row, chain_id in enumerate(batch["chain_id"] if with_contacts else []):
             chain = self.val_chains.get(chain_id)
             if chain is None:
                 continue
@@ -554,7 +556,8 @@ class LMTask(_Task):
             native, present = contact_map(chain)
             if native.shape[0] != length:
                 continue
-            precision = contact_precision(contacts[row, :length, :length], native, present)
+            precision = contact_precision(contacts[row, :length, :length], native, present,
+                                          residue_index=chain.residue_index)
             if not math.isnan(precision["P@L"]):
                 per_chain["val_contact_p_at_l"].append(precision["P@L"])
                 per_chain["val_contact_p_at_l5"].append(precision["P@L/5"])
@@ -562,8 +565,8 @@ class LMTask(_Task):
                                  "count": int(count), "per_chain": per_chain})
 
     def val_metrics(self, records: list[dict]) -> dict[str, float]:
-        """val_nll: mean over all masked tokens; perplexity = exp(val_nll); contact precision: mean over the
-        chains that have long-range contacts."""
+        """val_nll: mean over all masked tokens; perplexity = exp(val_nll); long-range contact precision: mean
+        over the chains with long-range pairs (only with the release's contact regression loaded)."""
         count = sum(r["count"] for r in records)
         nll = sum(r["nll_sum"] for r in records) / max(count, 1)
         metrics = {"val_nll": nll, "val_perplexity": math.exp(nll)}

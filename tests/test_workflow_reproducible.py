@@ -51,7 +51,8 @@ def test_forced_rerun_reproduces_summary_csv_and_groups(tmp_path: Path):
     reference = json.loads((exp / "runs" / "none" / "summary.json").read_text())
     assert reference["steps"] == 0 and reference["trainable_params"] == 0  # the untuned base never trains
     # Batched: one predict job per group and split (the reference joins the top-level group, `grid`).
-    assert sorted(p.name for p in (exp / "logs" / "predict").glob("*_val.log")) == ["grid_val.log", "heads_val.log"]
+    assert sorted(p.name for p in (exp / "logs" / "predict").glob("*_val.log")) == ["grid_val.log", "heads_val.log",
+                                                                             "ideal_helix_val.log"]
 
     # Everything again from scratch but the data steps (same inputs): every number of summary.csv is the same.
     for name in ("runs", "predictions", "scores", "plots"):
