@@ -99,7 +99,7 @@ def test_bad_prediction_options_exit_nonzero_with_one_line(tmp_path, capsys, fla
     assert main(["predict", "--base-config", str(config), "--fasta", str(fasta), "--out", str(tmp_path / "o"),
                  "--no-progress", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"foldtune predict: {name}:"), err
+    assert len(err) == 1 and err[0].startswith(f"foldtune predict: {name}"), err
     assert not (tmp_path / "o").exists()
 
 
