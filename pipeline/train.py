@@ -777,6 +777,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
     if not resume and ckpt.is_file():
         raise ValueError(f"output_dir: {run_dir} already holds a run (checkpoints/last.ckpt); "
                          "pass --resume to continue it or choose another output_dir")
+    # Before anything is written: a refused resume leaves the run as it was, resumable with its own config.
+    resumed_changes = check_resume(cfg, run_dir, ckpt) if resume else {}
     die_with_parent()
     tcfg = cfg["trainer"]
     on_gpu = torch.cuda.is_available()
@@ -794,6 +796,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             _keep_previous_logs(run_dir)
+            if resumed_changes:
+                record_resume_changes(run_dir, ckpt, resumed_changes)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
         atomic_write_text(run_dir / INPUTS_FILE, json.dumps(run_inputs(cfg), indent=2) + "\n")
@@ -911,6 +915,82 @@ def run_inputs(cfg: dict) -> dict:
         files["model.base_run"] = Path(cfg["model"]["base_run"]) / "adapter" / adapters.WEIGHTS_NAME
     config_digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
     return {"config": config_digest, "files": {name: _file_digest(path) for name, path in files.items()}}
+
+
+# What a resumed run may not change: the checkpoint holds this model's and adapter's tensors (TLoRA's frozen
+# projections are drawn from trainer.seed, and every batch is a function of the seed).
+FIXED_ON_RESUME = ("kind", "model", "adapter", "trainer.seed")
+RESUMES_FILE = "resumes.json"
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_recorded_config(run_dir: Path) -> dict:
+    """RUN/config.yaml as written by `train` (ValueError naming the file when missing or not valid YAML)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found (is {run_dir} a foldtune run?)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path}: expected a mapping (the run's resolved config), got {type(recorded).__name__}")
+    return recorded
+
+
+def check_resume(cfg: dict, run_dir: Path, ckpt: Path) -> dict[str, tuple[Any, Any]]:
+    """Compare a resume's config with the run's RUN/config.yaml before anything is written.
+
+    Returns the changed settings (dotted key -> (run's value, new value)) a resume may make, e.g. a longer
+    trainer.max_steps or another lr; raises ValueError naming every changed key of `FIXED_ON_RESUME` (the
+    model, the adapter, the seed) and a max_steps below the checkpoint's step. Runtime settings
+    (`RUNTIME_KEYS`) are not changes."""
+    recorded = _flat(json.loads(json.dumps(read_recorded_config(run_dir), default=str)))
+    wanted = _flat(json.loads(json.dumps(cfg, default=str)))
+    runtime = {f"{section}.{key}" for section, key in RUNTIME_KEYS}
+    changed = {key: (recorded.get(key), wanted.get(key)) for key in sorted(set(recorded) | set(wanted))
+               if key not in runtime and recorded.get(key) != wanted.get(key)}
+    fixed = {key: pair for key, pair in changed.items()
+             if any(key == f or key.startswith(f + ".") for f in FIXED_ON_RESUME)}
+    if fixed:
+        what = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in fixed.items())
+        raise ValueError(f"--resume: {run_dir / 'config.yaml'}: {what}: a resumed run cannot change its model, "
+                         "adapter or seed (resume with the run's own settings, or train into another output_dir)")
+    if "trainer.max_steps" in changed:
+        step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+        if cfg["trainer"]["max_steps"] < step:
+            raise ValueError(f"--resume: trainer.max_steps: {cfg['trainer']['max_steps']} is below the step of "
+                             f"{ckpt} ({step})")
+    for key, (old, new) in changed.items():
+        log.warning("%s: resuming with %s changed: %r -> %r (recorded in %s)", run_dir, key, old, new, RESUMES_FILE)
+    return changed
+
+
+def record_resume_changes(run_dir: Path, ckpt: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append a resume's changed settings to RUN/resumes.json: [{"step", "time", "changed": {key: [old, new]}}]
+    (RUN/config.yaml then holds the new values)."""
+    path = run_dir / RESUMES_FILE
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        history = []
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    history.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "changed": {key: [old, new] for key, (old, new) in changes.items()}})
+    atomic_write_text(path, json.dumps(history, indent=2) + "\n")
 
 
 def prepare_rerun(cfg: dict) -> bool:
