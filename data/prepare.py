@@ -84,6 +84,35 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+# fetch_report.csv statuses whose file this fetch delivered (the others: failed, filtered).
+DELIVERED = ("downloaded", "cached", "local")
+
+
+def read_fetch_report(path: str | os.PathLike) -> list[Path]:
+    """The structure files a `foldtune fetch` delivered, per its ``fetch_report.csv`` (rows whose status is
+    one of `DELIVERED`), in report order without repeats. A file named by the report is looked up beside the
+    report first (its --out directory), then at the path as written. Files in that directory the report does
+    not list (an earlier fetch's, or ids now filtered) are not returned: the dataset is exactly this fetch."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: fetch report: not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: fetch report: not a CSV ({exc})") from None
+    if not {"status", "path"} <= set(frame.columns):
+        raise ValueError(f"{path}: columns: need status,path (a foldtune fetch report; got {list(frame.columns)})")
+    files: list[Path] = []
+    for row in frame.itertuples():
+        if row.status not in DELIVERED or not row.path:
+            continue
+        beside = path.parent / Path(row.path).name
+        file = beside if beside.is_file() else Path(row.path)
+        if file not in files:
+            files.append(file)
+    return files
+
+
 def _file_keys(path: Path) -> set[str]:
     name = path.name
     keys = {name, name[:-3] if name.endswith(".gz") else name}

@@ -392,10 +392,6 @@ def parent_of_output(wildcards, output) -> str:
     return str(Path(output[0]).parent)
 
 
-def parent_of_fetched(wildcards, input) -> str:
-    return str(Path(input.fetched).parent)
-
-
 def dataset_dir(wildcards, input) -> str:
     return str(Path(input.manifest).parent)
 

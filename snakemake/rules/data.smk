@@ -23,14 +23,14 @@ rule prepare:
         MANIFEST,
     params:
         args=prepare_args,
-        structures=parent_of_fetched,
         dataset=parent_of_output,
     log:
         f"{LOGS}/prepare.log",
     conda:
         "../envs/foldtune.yaml"
+    # Exactly the files this fetch delivered: structures/ may still hold an earlier fetch's files.
     shell:
-        "foldtune prepare --in {params.structures} --out {params.dataset} {params.args} --no-progress "
+        "foldtune prepare --fetch-report {input.fetched} --out {params.dataset} {params.args} --no-progress "
         "> {log} 2>&1"
 
 
