@@ -257,6 +257,41 @@ def fetch_args(wildcards) -> str:
     return shlex.join(args)
 
 
+def _files_digest(paths) -> str:
+    """A digest of the named files' contents (a params value next to their being inputs: an edit that keeps an
+    older modification time, e.g. `cp -p` of a saved copy, still reruns). A missing file digests as missing:
+    Snakemake then reports it as a missing input."""
+    digest = hashlib.sha256()
+    for path in paths:
+        file = Path(path)
+        digest.update(f"{path}\0".encode())
+        digest.update(file.read_bytes() if file.is_file() else b"\0missing")
+    return digest.hexdigest()[:16]
+
+
+def fetch_inputs(wildcards) -> dict:
+    """The files `foldtune fetch` reads (data.ids_file, data.query): editing them reruns fetch."""
+    data = config["data"]
+    return {key: data[key] for key in ("ids_file", "query") if data[key]}
+
+
+def fetch_digest(wildcards) -> str:
+    return _files_digest(fetch_inputs(wildcards).values())
+
+
+def prepare_inputs(wildcards) -> dict:
+    """The fetch report and data.chains_file: editing the chains file reruns prepare."""
+    inputs = {"fetched": FETCHED}
+    if config["data"]["chains_file"]:
+        inputs["chains_file"] = config["data"]["chains_file"]
+    return inputs
+
+
+def prepare_digest(wildcards) -> str:
+    chains_file = config["data"]["chains_file"]
+    return _files_digest([chains_file] if chains_file else [])
+
+
 def prepare_args(wildcards) -> str:
     data = config["data"]
     args = ["--min-len", str(data["min_length"]), "--max-len", str(data["max_length"]),

@@ -1,11 +1,16 @@
 # Structures -> dataset -> splits.
 
 
+# The files a step reads (ids file, query, chains file) are its inputs, and their contents a param: editing
+# one reruns the step and what follows.
 rule fetch:
+    input:
+        unpack(fetch_inputs),
     output:
         FETCHED,
     params:
         args=fetch_args,
+        digest=fetch_digest,
         cache=CACHE,
         out=parent_of_output,
     log:
@@ -18,11 +23,12 @@ rule fetch:
 
 rule prepare:
     input:
-        fetched=FETCHED,
+        unpack(prepare_inputs),
     output:
         MANIFEST,
     params:
         args=prepare_args,
+        digest=prepare_digest,
         dataset=parent_of_output,
     log:
         f"{LOGS}/prepare.log",
