@@ -193,6 +193,32 @@ def validate_mmcif(payload: bytes, require_terminator: bool = True) -> str:
     return text
 
 
+_ENTRY_ID = re.compile(r"^_entry\.id[ \t]+['\"]?([^\s'\"]+)", re.M)
+_PDB_HEADER = re.compile(r"^HEADER.{56}(\d[A-Za-z0-9]{3})", re.M)
+
+
+def entry_id(text: str) -> str | None:
+    """The PDB id a structure file says it is: mmCIF `_entry.id`, else a PDB file's HEADER idCode; None when
+    the file does not say (upper case)."""
+    match = _ENTRY_ID.search(text[:200_000]) or _PDB_HEADER.search(text[:2000])
+    return match.group(1).upper() if match else None
+
+
+def check_entry(text: str, pdb_id: str) -> None:
+    """ValueError when the file names another entry than the requested one (a mirror or proxy serving the
+    wrong file would otherwise be cached, and its chains named, under the requested id)."""
+    found = entry_id(text)
+    if found is not None and found != pdb_id.upper():
+        raise ValueError(f"body: entry {found} (_entry.id), not the requested {pdb_id.upper()}")
+
+
+def _file_text(path: Path) -> str:
+    payload = path.read_bytes()
+    if payload[:2] == b"\x1f\x8b":
+        payload = gzip.decompress(payload)
+    return payload.decode("utf-8", errors="replace")
+
+
 # ------------------------------------------------------------------------------------------- fetcher
 class Fetcher:
     """Fetch targets into ``config.cache`` (``<id>.cif.gz``) and link/copy them into ``config.out``."""
@@ -212,9 +238,9 @@ class Fetcher:
         if not path.is_file():
             return None
         try:
-            validate_mmcif(path.read_bytes())
+            check_entry(validate_mmcif(path.read_bytes()), pdb_id)
         except ValueError:
-            return None  # a corrupt cache entry is downloaded again (and replaced atomically)
+            return None  # a corrupt or wrong cache entry is downloaded again (and replaced atomically)
         return path
 
     def _local(self, target_id: str) -> Path | None:
@@ -304,7 +330,8 @@ class Fetcher:
     # -- one target
     def _download(self, pdb_id: str) -> Path:
         url = f"{self.config.files_url.rstrip('/')}/{pdb_id.upper()}.cif"
-        body = self._request(url, headers={"Accept-Encoding": "gzip"}, validate=validate_mmcif)
+        body = self._request(url, headers={"Accept-Encoding": "gzip"},
+                             validate=lambda payload: check_entry(validate_mmcif(payload), pdb_id))
         payload = body if body[:2] == b"\x1f\x8b" else gzip.compress(body, mtime=0)
         path = self.cache_path(pdb_id)
         atomic_write_bytes(path, payload)
@@ -362,6 +389,12 @@ class Fetcher:
             mode = f"offline ({self.offline_reason})" if self.offline else "not a PDB id"
             row["reason"] = f"{target.id}: not in {where}; {mode}"
             return row
+        if status == "local" and is_pdb_id:
+            try:
+                check_entry(_file_text(source), target.id)
+            except (ValueError, OSError, EOFError, zlib.error) as exc:
+                row["reason"] = f"{target.id}: {source}: {str(exc).removeprefix('body: ')}"
+                return row
         row.update(status=status, path=str(self._place(source)))
         return row
 

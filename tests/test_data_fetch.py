@@ -32,6 +32,7 @@ PLAN = {
     "4I6P": ["html"],
     "9ZZZ": ["404"],
     "1PSM": ["500"],
+    "1B05": ["other"],  # a valid mmCIF of another entry (1GBT)
 }
 FILES = {"1A7G": "1a7g.cif", "4ZEY": "4zey.cif", "3ZEE": "3zee.cif", "2Q2K": "2q2k.cif", "3U8V": "3u8v.cif",
          "4I6P": "4i6p.cif", "1PSM": "1psm.cif"}
@@ -85,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, body[: len(body) // 2])
         elif action == "clen":  # connection closes before Content-Length bytes arrive
             self._send(200, body[: len(body) // 2], length=len(body))
+        elif action == "other":
+            self._send(200, (SHARED / "1gbt.cif").read_bytes())
         elif action == "html":
             self._send(200, b"<html><body>Service unavailable</body></html>")
         else:
@@ -223,3 +226,27 @@ def test_ids_parsing(tmp_path):
     csv = tmp_path / "ids.csv"
     csv.write_text("file,chain\ndata/samples/structures/1tii.pdb,D\n")
     assert read_ids_file(csv) == [Target("1TII", "D")]
+
+
+def test_another_entry_served_for_the_requested_id_is_rejected(tmp_path, server):
+    """1GBT's valid mmCIF served for 1B05 is neither cached nor placed under 1B05 (download, cache, local)."""
+    base, _ = server
+    config = _config(tmp_path, base)
+    report = fetch([Target("1B05")], config)
+    assert report.status.tolist() == ["failed"]
+    assert "entry 1GBT (_entry.id), not the requested 1B05" in report.reason[0] and "4 attempts" in report.reason[0]
+    assert not (config.cache / "1b05.cif.gz").exists() and not (tmp_path / "out" / "1b05.cif.gz").exists()
+    # A wrong file already in the cache is not served: it is downloaded again (here: wrong again).
+    config.cache.mkdir(parents=True, exist_ok=True)
+    (config.cache / "1b05.cif.gz").write_bytes(gzip.compress((SHARED / "1gbt.cif").read_bytes()))
+    assert fetch([Target("1B05")], config).status.tolist() == ["failed"]
+    assert Handler.attempts["1B05"] == 8
+    # Offline, from --source-dir: a file named 1b05 holding another entry is refused, naming the file.
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "1b05.cif").write_bytes((SHARED / "1gbt.cif").read_bytes())
+    (local / "1a8o.pdb").write_bytes((SAMPLES / "1a8o.pdb").read_bytes())
+    offline = _config(tmp_path / "o", base, offline=True, source_dirs=[local])
+    report = fetch([Target("1B05"), Target("1A8O")], offline)
+    assert report.status.tolist() == ["failed", "local"]
+    assert f"{local / '1b05.cif'}: entry 1GBT (_entry.id), not the requested 1B05" in report.reason[0]
