@@ -43,11 +43,37 @@ class ChainFilters:
         return None
 
 
+def mask_nonfinite_atoms(chain: ProteinChain) -> list[str]:
+    """Mask (in place) the atoms of ``chain`` whose coordinates are NaN or ±inf: atom37_mask 0 and position 0,
+    and a position whose CA is masked is no longer observed. Returns one line per residue touched,
+    e.g. ``residue 5 LEU: CA, CB`` (author numbering + insertion code), so errors.csv can name it."""
+    import numpy as np
+
+    from data.residue_constants import atom_types, restype_1to3
+
+    positions = np.asarray(chain.atom37_positions)
+    bad = (np.asarray(chain.atom37_mask) > 0) & ~np.isfinite(positions).all(axis=-1)  # (N, 37)
+    if not bad.any():
+        return []
+    lines = []
+    for index in np.flatnonzero(bad.any(axis=-1)):
+        number = f"{int(chain.author_number[index])}{str(chain.insertion_code[index]).strip()}"
+        name = restype_1to3.get(chain.sequence[index], "UNK")
+        atoms = ", ".join(atom_types[a] for a in np.flatnonzero(bad[index]))
+        lines.append(f"residue {number} {name}: {atoms}")
+    chain.atom37_positions = np.where(bad[..., None], np.float32(0.0), positions).astype(np.float32)
+    chain.atom37_mask = np.where(bad, np.float32(0.0), chain.atom37_mask).astype(np.float32)
+    ca = atom_types.index("CA")
+    chain.observed = np.asarray(chain.observed, dtype=bool) & (chain.atom37_mask[:, ca] > 0)
+    return lines
+
+
 @dataclass
 class PrepareSummary:
     chains_written: int = 0
     chains_rejected: int = 0
     chains_unreconciled: int = 0  # written with observed residues only: deposited sequence did not match
+    atoms_masked: int = 0  # atoms with NaN / inf coordinates, masked (named in errors.csv, stage "coordinates")
     files_read: int = 0
     files_rejected: int = 0
     seconds: float = 0.0
@@ -56,7 +82,9 @@ class PrepareSummary:
     def line(self) -> str:
         return (f"prepare: {self.chains_written} chains written from {self.files_read} files; "
                 f"{self.files_rejected} files rejected, {self.chains_rejected} chains filtered, "
-                f"{self.chains_unreconciled} with an unreconciled deposited sequence (observed residues only); {self.seconds:.1f} s")
+                f"{self.chains_unreconciled} with an unreconciled deposited sequence (observed residues only); "
+                + (f"{self.atoms_masked} atoms with non-finite coordinates masked; " if self.atoms_masked else "")
+                + f"{self.seconds:.1f} s")
 
 
 def is_structure_name(path: Path) -> bool:
@@ -187,6 +215,16 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                 if reason is not None:
                     summary.chains_rejected += 1
                     reject(path, chain.chain, stage, reason)
+                    continue
+                before = int((chain.atom37_mask > 0).sum())
+                for residue in mask_nonfinite_atoms(chain):
+                    reject(path, chain.chain, "coordinates", f"{path}: chain {chain.chain or '_'}: {residue}: "
+                           "non-finite (NaN/inf) coordinates; atoms masked")
+                summary.atoms_masked += before - int((chain.atom37_mask > 0).sum())
+                if not chain.n_observed:
+                    summary.chains_rejected += 1
+                    reject(path, chain.chain, "coordinates", f"{path}: chain {chain.chain or '_'}: no residue with "
+                           "a finite CA left")
                     continue
                 npz = Path("chains") / f"{chain.chain_id}.npz"
                 save_chain(chain, out_dir / npz)

@@ -1,0 +1,76 @@
+"""NaN / ±inf coordinates: prepare masks the atoms and names the residue; training names the chain of every
+skipped batch (stderr and summary.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from data.chains import load_chain, save_chain
+from data.dataset import read_manifest
+from pipeline.cli import main
+from pipeline.config import resolve
+from pipeline.train import StepBatchSampler
+from tests._train_helpers import STRUCTURES, make_dataset
+
+
+def nonfinite_pdb(path: Path, bad: dict[tuple[str, int], str]) -> Path:
+    """1l2y.pdb with the coordinate of atom (name, residue number) replaced by `value` ("nan", "inf", "-inf")."""
+    lines = []
+    for line in (STRUCTURES / "1l2y.pdb").read_text().splitlines(True):
+        key = (line[12:16].strip(), int(line[22:26])) if line.startswith("ATOM") else None
+        if key in bad:
+            line = line[:30] + f"{bad[key]:>8}" + line[38:]
+        lines.append(line)
+    path.write_text("".join(lines))
+    return path
+
+
+def test_prepare_masks_nonfinite_atoms_and_names_the_residue(tmp_path, capsys):
+    source = nonfinite_pdb(tmp_path / "1l2y.pdb", {("CA", 5): "nan", ("CB", 7): "inf", ("N", 7): "-inf"})
+    assert main(["prepare", "--in", str(source), "--out", str(tmp_path / "ds"), "--no-progress"]) == 0
+    assert "3 atoms with non-finite coordinates masked" in capsys.readouterr().out
+    errors = pd.read_csv(tmp_path / "ds" / "errors.csv", keep_default_na=False)
+    assert errors.stage.tolist() == ["coordinates", "coordinates"]
+    assert "chain A: residue 5 GLN: CA: non-finite" in errors.reason[0]
+    assert "chain A: residue 7 LEU: N, CB: non-finite" in errors.reason[1]
+    chain = load_chain(tmp_path / "ds" / "chains" / "1l2y_A.npz")
+    assert np.isfinite(chain.atom37_positions).all()
+    assert chain.atom37_mask[4, 1] == 0 and chain.atom37_mask[6, 0] == 0 and chain.atom37_mask[6, 3] == 0
+    assert chain.atom37_mask[4, 0] == 1 and chain.atom37_mask[6, 1] == 1  # the residues' other atoms stay
+    assert not chain.observed[4] and chain.observed[6] and read_manifest(tmp_path / "ds").n_observed[0] == 19
+    # Every CA non-finite: nothing left to train on, the chain is rejected.
+    (tmp_path / "allbad").mkdir()
+    all_bad = nonfinite_pdb(tmp_path / "allbad" / "1l2y.pdb", {("CA", n): "nan" for n in range(1, 21)})
+    assert main(["prepare", "--in", str(all_bad), "--out", str(tmp_path / "ds2"), "--no-progress"]) == 1
+    errors = pd.read_csv(tmp_path / "ds2" / "errors.csv", keep_default_na=False)
+    assert "no residue with a finite CA left" in errors.reason.iloc[-1]
+
+
+def test_training_names_the_chain_of_every_skipped_batch(tmp_path, capsys):
+    dataset, splits = make_dataset(tmp_path / "ds", [("1l2y.pdb", "train"), ("1vii.pdb", "train")])
+    # A dataset written before prepare masked them (or by other tools): NaN CAs with mask 1 in 1vii_A.
+    path = dataset / "chains" / "1vii_A.npz"
+    chain = load_chain(path)
+    chain.atom37_positions[:, 1] = np.nan
+    save_chain(chain, path)
+    cfg = resolve({"adapter": {"method": "lora", "rank": 2, "alpha": 4},
+                   "data": {"dataset": str(dataset), "splits": str(splits), "crop_size": 16, "batch_size": 1,
+                            "val_split": None},
+                   "trainer": {"max_steps": 4, "lr": 3e-3, "warmup_steps": 0, "threads": 1, "max_bad_steps": 10},
+                   "output_dir": str(tmp_path / "run")})
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["nonfinite_chains"] == ["1vii_A"]
+    # Every batch of 1vii_A among the 4 steps' batches (the sampler's order; train split order 1l2y_A, 1vii_A).
+    batches = StepBatchSampler([20, 36], batch_size=1, seed=0).global_batches()
+    expected = sum([index for _, index in next(batches)] == [1] for _ in range(4))
+    assert summary["nonfinite_batches"] == expected >= 1
+    assert "batch(es) skipped for a non-finite loss or gradient, chains: 1vii_A" in err
