@@ -74,3 +74,31 @@ def test_training_names_the_chain_of_every_skipped_batch(tmp_path, capsys):
     expected = sum([index for _, index in next(batches)] == [1] for _ in range(4))
     assert summary["nonfinite_batches"] == expected >= 1
     assert "batch(es) skipped for a non-finite loss or gradient, chains: 1vii_A" in err
+
+
+def test_predict_refuses_nan_adapter_weights_and_another_targets_set(tmp_path, capsys):
+    """`foldtune predict --run`: a diverged run's NaN weights, and RUN/config.yaml naming other targets than the
+    adapter, stop before folding with one line (not inside the model or TM-score)."""
+    from safetensors.torch import load_file, save_file
+
+    import adapters
+    from tests._adapter_runs import make_run
+
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">x\nMKTAYIAKQR\n")
+    run = make_run(tmp_path, "run", {"method": "lora", "rank": 2, "targets": ["attn"], "part": "trunk"})
+    weights = run / "adapter" / adapters.WEIGHTS_NAME
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    args = ["predict", "--run", str(run), "--fasta", str(fasta), "--out", str(tmp_path / "p"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: {name}: 1 of" in err and "NaN/inf" in err and "Traceback" not in err
+    other = make_run(tmp_path, "other", {"method": "lora", "rank": 2, "targets": ["attn"], "part": "trunk"})
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["adapter"]["targets"] = ["attn", "mlp"]
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([*args[:2], str(other), *args[3:]]) == 2
+    assert "targets: ['attn'], but" in capsys.readouterr().err
