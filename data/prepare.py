@@ -43,24 +43,35 @@ class ChainFilters:
         return None
 
 
-def mask_nonfinite_atoms(chain: ProteinChain) -> list[str]:
-    """Mask (in place) the atoms of ``chain`` whose coordinates are NaN or ±inf: atom37_mask 0 and position 0,
-    and a position whose CA is masked is no longer observed. Returns one line per residue touched,
-    e.g. ``residue 5 LEU: CA, CB`` (author numbering + insertion code), so errors.csv can name it."""
+def nonfinite_atoms(chain: ProteinChain) -> tuple["np.ndarray", list[str]]:
+    """(bad (N, 37) bool: present atoms whose coordinates are NaN or ±inf, one line per residue holding one,
+    e.g. ``residue 5 LEU: CA, CB`` in author numbering + insertion code)."""
     import numpy as np
 
     from data.residue_constants import atom_types, restype_1to3
 
-    positions = np.asarray(chain.atom37_positions)
-    bad = (np.asarray(chain.atom37_mask) > 0) & ~np.isfinite(positions).all(axis=-1)  # (N, 37)
-    if not bad.any():
-        return []
+    bad = (np.asarray(chain.atom37_mask) > 0) & ~np.isfinite(np.asarray(chain.atom37_positions)).all(axis=-1)
     lines = []
     for index in np.flatnonzero(bad.any(axis=-1)):
         number = f"{int(chain.author_number[index])}{str(chain.insertion_code[index]).strip()}"
         name = restype_1to3.get(chain.sequence[index], "UNK")
         atoms = ", ".join(atom_types[a] for a in np.flatnonzero(bad[index]))
         lines.append(f"residue {number} {name}: {atoms}")
+    return bad, lines
+
+
+def mask_nonfinite_atoms(chain: ProteinChain) -> list[str]:
+    """Mask (in place) the atoms of ``chain`` whose coordinates are NaN or ±inf: atom37_mask 0 and position 0,
+    and a position whose CA is masked is no longer observed. Returns `nonfinite_atoms`' lines (for
+    errors.csv)."""
+    import numpy as np
+
+    from data.residue_constants import atom_types
+
+    bad, lines = nonfinite_atoms(chain)
+    if not lines:
+        return []
+    positions = np.asarray(chain.atom37_positions)
     chain.atom37_positions = np.where(bad[..., None], np.float32(0.0), positions).astype(np.float32)
     chain.atom37_mask = np.where(bad, np.float32(0.0), chain.atom37_mask).astype(np.float32)
     ca = atom_types.index("CA")

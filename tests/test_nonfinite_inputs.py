@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pandas as pd
 import yaml
 
@@ -102,3 +103,39 @@ def test_predict_refuses_nan_adapter_weights_and_another_targets_set(tmp_path, c
     (other / "config.yaml").write_text(yaml.safe_dump(config))
     assert main([*args[:2], str(other), *args[3:]]) == 2
     assert "targets: ['attn'], but" in capsys.readouterr().err
+
+
+def test_score_names_nonfinite_coordinates_and_batch_modes_score_the_other_rows(tmp_path, capsys):
+    from pipeline import scoring
+
+    good = STRUCTURES / "1l2y.pdb"
+    bad = nonfinite_pdb(tmp_path / "bad.pdb", {("CA", 5): "nan", ("CA", 9): "inf"})
+    assert main(["score", str(bad), str(good)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "LinAlgError" not in err
+    assert f"{bad}: chain A: coordinates: non-finite (NaN/inf) at residue 5 GLN: CA (and 1 more residues)" in err
+    # --pairs: the good rows are scored, the bad one gets an error, the exit code says so, the old table is gone.
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({"id": ["ok", "nan", "missing"], "model": [str(good), str(bad), str(tmp_path / "nope.pdb")],
+                  "ref": [str(good), str(good), str(good)]}).to_csv(pairs, index=False)
+    out = tmp_path / "scores.csv"
+    out.write_text("id,tm_score\nstale,0.1\n")
+    assert main(["score", "--pairs", str(pairs), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table.id.tolist() == ["ok", "nan", "missing"]
+    assert float(table.tm_score[0]) == pytest.approx(scoring.score_pair(good, good)["tm_score"])
+    assert table.error[0] == "" and "non-finite" in table.error[1] and "nope.pdb" in table.error[2]
+    assert table.tm_score[1] == "" and "foldtune score: nan: " in err and "2 could not be scored" in err
+    # --predictions: the same for a predicted PDB holding NaN.
+    dataset, _ = make_dataset(tmp_path / "ds", [("1l2y.pdb", "test")])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "ok.pdb").write_bytes(good.read_bytes())
+    (pred / "bad.pdb").write_bytes(bad.read_bytes())
+    pd.DataFrame({"chain_id": ["1l2y_A", "1l2y_A"], "pdb": ["ok.pdb", "bad.pdb"],
+                  "mean_plddt": [50.0, 50.0]}).to_csv(pred / "predictions.csv", index=False)
+    assert main(["score", "--predictions", str(pred / "predictions.csv"), "--dataset", str(dataset),
+                 "--out", str(out), "--no-progress"]) == 1
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table.error[0] == "" and float(table.tm_score[0]) > 0.99 and "non-finite" in table.error[1]
