@@ -317,11 +317,22 @@ class Fetcher:
         if max_results:
             options = query.setdefault("request_options", {})
             options.setdefault("paginate", {"start": 0, "rows": int(max_results)})
-        body = self._request(self.config.search_url, data=json.dumps(query).encode(),
-                             headers={"Content-Type": "application/json"}, validate=json.loads)
-        results = json.loads(body).get("result_set", []) if body.strip() else []
+        url = self.config.search_url
+        try:
+            body = self._request(url, data=json.dumps(query).encode(), headers={"Content-Type": "application/json"},
+                                 validate=json.loads)
+        except FetchError as exc:
+            raise FetchError(f"search {url}: {exc}", retry=False, unreachable=exc.unreachable) from None
+        answer = json.loads(body) if body.strip() else {}
+        if not isinstance(answer, dict):
+            raise ValueError(f"search {url}: expected a JSON object with result_set, got {type(answer).__name__}")
+        results = answer.get("result_set") or []
+        if not isinstance(results, list):
+            raise ValueError(f"search {url}: result_set: expected a list, got {type(results).__name__}")
         targets = []
-        for item in results[: max_results or None]:
+        for index, item in enumerate(results[: max_results or None]):
+            if isinstance(item, dict) and not isinstance(item.get("identifier"), str):
+                raise ValueError(f"search {url}: result_set[{index}]: no `identifier` (got keys {sorted(item)})")
             identifier = item["identifier"] if isinstance(item, dict) else str(item)
             entry, _, chain = identifier.partition(".")
             targets.append(Target(entry.split("_")[0].upper(), chain))

@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from transformers.models.esm.openfold_utils import atom14_to_atom37, compute_tm
 
 from data.io import atomic_path, atomic_write_text
@@ -134,10 +133,10 @@ def targets_from_fasta(path: str | Path) -> list[Target]:
 # --------------------------------------------------------------------------------- models
 
 def read_run_config(run_dir: Path) -> dict:
+    from pipeline.train import read_recorded_config  # names the file (and line) when it is not YAML
+
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{path}: config: not found (is {run_dir} a foldtune run?)")
-    cfg = yaml.safe_load(path.read_text())
+    cfg = read_recorded_config(run_dir)
     if cfg.get("kind", "fold") != "fold":
         raise ValueError(f"{path}: kind: {cfg.get('kind')!r} runs cannot fold structures")
     return cfg

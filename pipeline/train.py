@@ -972,7 +972,7 @@ def read_recorded_config(run_dir: Path) -> dict:
     try:
         recorded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: not found (is {run_dir} a foldtune run?)") from None
+        raise ValueError(f"{path}: config: not found (is {run_dir} a foldtune run?)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

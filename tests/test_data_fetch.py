@@ -93,8 +93,12 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found")
 
+    search_reply: bytes | None = None  # a test's own search answer (malformed ones)
+
     def do_POST(self):
         query = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.search_reply is not None:
+            return self._send(200, self.search_reply)
         rows = query.get("request_options", {}).get("paginate", {}).get("rows", 10)
         ids = [{"identifier": "1A7G", "score": 1.0}, {"identifier": "4ZEY.A", "score": 0.9},
                {"identifier": "3ZEE_1", "score": 0.8}]
@@ -104,6 +108,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server(monkeypatch):
     Handler.attempts = {}
+    Handler.search_reply = None
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -250,3 +255,20 @@ def test_another_entry_served_for_the_requested_id_is_rejected(tmp_path, server)
     report = fetch([Target("1B05"), Target("1A8O")], offline)
     assert report.status.tolist() == ["failed", "local"]
     assert f"{local / '1b05.cif'}: entry 1GBT (_entry.id), not the requested 1B05" in report.reason[0]
+
+
+@pytest.mark.parametrize("reply, message", [
+    (b'{"result_set": [{"score": 1.0}]}', "result_set[0]: no `identifier`"),
+    (b"<html>busy</html>", "search http://127.0.0.1:"),
+    (b"[1, 2]", "expected a JSON object with result_set"),
+])
+def test_malformed_search_answers_are_one_line_naming_the_search(tmp_path, server, capsys, reply, message):
+    base, _ = server
+    Handler.search_reply = reply
+    query = tmp_path / "q.json"
+    query.write_text(json.dumps({"query": {"type": "terminal"}}))
+    code = main(["fetch", "--query", str(query), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"),
+                 "--search-url", f"{base}/search", "--timeout", str(TIMEOUT), "--backoff", "0", "--retries", "1",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 2 and out.startswith("foldtune fetch: ") and message in out and out.count("\n") == 1

@@ -32,9 +32,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def argument_error(args: argparse.Namespace) -> str | None:
+    """The first bad argument value, as `--name: why`, or None (checked before any request or file)."""
+    import math
+
+    checks = [("--retries", args.retries, args.retries >= 0, "must be >= 0 (extra attempts)"),
+              ("--backoff", args.backoff, math.isfinite(args.backoff) and args.backoff >= 0, "must be >= 0 seconds"),
+              ("--timeout", args.timeout, math.isfinite(args.timeout) and args.timeout > 0, "must be > 0 seconds"),
+              ("--max", args.max, args.max is None or args.max >= 1, "must be >= 1 (search results)"),
+              ("--max-resolution", args.max_resolution, args.max_resolution is None or args.max_resolution > 0,
+               "must be > 0 Å"),
+              ("--max-entry-residues", args.max_entry_residues,
+               args.max_entry_residues is None or args.max_entry_residues >= 1, "must be >= 1")]
+    for name, value, ok, why in checks:
+        if not ok:
+            return f"{name} {value}: {why}"
+    for name, value in (("--out", args.out), ("--cache", args.cache)):
+        path = Path(value) if value else None
+        while path is not None and not path.exists() and path != path.parent:
+            path = path.parent  # the first existing ancestor must be a directory too
+        if path is not None and path.exists() and not path.is_dir():
+            return f"{name} {value}: {path} is a file, not a directory"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from data import fetch as F
 
+    problem = argument_error(args)
+    if problem:
+        print(f"foldtune fetch: {problem}")
+        return 2
     started = time.perf_counter()
     config = F.FetchConfig(
         cache=Path(args.cache), out=Path(args.out) if args.out else None,
@@ -52,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
             if config.offline:
                 print("foldtune fetch: --query needs the network (drop --offline or pass ids)")
                 return 2
-            query = json.loads(Path(args.query).read_text())
+            try:
+                query = json.loads(Path(args.query).read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{args.query}: --query: not a JSON search query ({exc})") from None
+            except OSError as exc:
+                raise ValueError(f"{args.query}: --query: {exc.strerror or exc}") from None
+            if not isinstance(query, dict):
+                raise ValueError(f"{args.query}: --query: expected a JSON object, got {type(query).__name__}")
             targets += F.Fetcher(config).search(query, args.max)
     except (OSError, ValueError, F.FetchError) as exc:
         print(f"foldtune fetch: {exc}")
