@@ -400,9 +400,13 @@ class Fetcher:
             mode = f"offline ({self.offline_reason})" if self.offline else "not a PDB id"
             row["reason"] = f"{target.id}: not in {where}; {mode}"
             return row
-        if status == "local" and is_pdb_id:
+        if status == "local":
             try:
-                check_entry(_file_text(source), target.id)
+                text = _file_text(source)
+                if text.lstrip().startswith("data_"):  # an mmCIF: complete, as a download must be
+                    validate_mmcif(text.encode("utf-8"))
+                if is_pdb_id:
+                    check_entry(text, target.id)
             except (ValueError, OSError, EOFError, zlib.error) as exc:
                 row["reason"] = f"{target.id}: {source}: {str(exc).removeprefix('body: ')}"
                 return row

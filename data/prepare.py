@@ -98,6 +98,22 @@ class PrepareSummary:
                 + f"{self.seconds:.1f} s")
 
 
+def check_mmcif_complete(path: Path) -> None:
+    """ValueError naming ``path`` when it is an mmCIF cut short, also at a line boundary (its _atom_site loop
+    not closed by ``#`` or another item before the end of the file, as fetch checks downloads). Biopython
+    would read such a file as a shorter chain. PDB files are checked by ``data.structure``."""
+    from data.fetch import validate_mmcif
+    from data.structure import detect_format, read_text
+
+    text = read_text(path)
+    if detect_format(text) != "mmcif" or not text.lstrip().startswith("data_"):
+        return
+    try:
+        validate_mmcif(text.encode("utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: mmCIF: {str(exc).removeprefix('body: ')}") from None
+
+
 def is_structure_name(path: Path) -> bool:
     name = path.name.lower()
     if name.endswith(".gz"):
@@ -198,6 +214,7 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
             try:
                 if not path.is_file():
                     raise ValueError(f"{path}: file: not found")
+                check_mmcif_complete(path)
                 parsed = read_chains(path, model=model)
             except ValueError as exc:
                 summary.files_rejected += 1

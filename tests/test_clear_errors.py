@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
 from pipeline.cli import main
 from tests._adapter_runs import make_run
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples" / "structures"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -51,3 +56,30 @@ def test_predict_names_a_run_config_that_is_not_yaml(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{run / 'config.yaml'}: not valid YAML (line" in err and "Traceback" not in err
+
+
+def _cut_mmcif(path, at_line_boundary: bool):
+    """1a7g.cif cut inside its _atom_site loop: after a whole row, or in the middle of one."""
+    text = (SAMPLES / "1a7g.cif").read_text()
+    start = text.index("\nATOM ", text.index("_atom_site.")) + 1
+    cut = text.index("\n", start + len(text[start:]) // 2)
+    path.write_text(text[:cut + 1] if at_line_boundary else text[:cut - 20])
+    return path
+
+
+@pytest.mark.parametrize("at_line_boundary, message", [(True, "truncated (_atom_site loop not closed"),
+                                                       (False, "truncated _atom_site loop")])
+def test_a_cut_mmcif_is_truncated_in_prepare_and_source_dir(tmp_path, capsys, at_line_boundary, message):
+    local = tmp_path / "local"
+    local.mkdir()
+    cut = _cut_mmcif(local / "1a7g.cif", at_line_boundary)
+    assert main(["prepare", "--in", str(cut), str(SAMPLES / "1a8o.pdb"), "--out", str(tmp_path / "ds"),
+                 "--no-progress"]) == 0
+    errors = pd.read_csv(tmp_path / "ds" / "errors.csv", keep_default_na=False)
+    assert errors.stage.tolist() == ["parse"] and f"{cut}: mmCIF: {message}" in errors.reason[0]
+    assert pd.read_csv(tmp_path / "ds" / "manifest.csv").chain_id.tolist() == ["1a8o_A"]
+    assert main(["fetch", "1a7g", "--offline", "--source-dir", str(local), "--out", str(tmp_path / "out"),
+                 "--cache", str(tmp_path / "c"), "--no-progress"]) == 1
+    report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
+    assert report.status.tolist() == ["failed"] and f"{cut}: {message}" in report.reason[0]
+    assert not (tmp_path / "out" / "1a7g.cif").exists()
