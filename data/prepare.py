@@ -174,14 +174,24 @@ def _file_keys(path: Path) -> set[str]:
     return keys | {k.rsplit(".", 1)[0] for k in list(keys)}
 
 
+class ChainSelection(dict):
+    """{file name key: chains} of a chains file, and `files`: the base names its rows give (reported when
+    no input has that name)."""
+
+    files: dict[str, set[str]]
+
+
 def read_chains_file(path: str | os.PathLike) -> dict[str, set[str]]:
-    """``file,chain`` CSV -> {file name (basename, with and without suffixes): chains}; chain "" or "_" = blank."""
+    """``file,chain`` CSV -> {file name (basename, with and without suffixes): chains}; chain "" or "_" = blank.
+    The result's `files` holds each row's base name with its chains."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     if not {"file", "chain"} <= set(frame.columns):
         raise ValueError(f"{path}: columns: need file,chain (got {list(frame.columns)})")
-    wanted: dict[str, set[str]] = {}
+    wanted = ChainSelection()
+    wanted.files = {}
     for row in frame.itertuples():
         chain = "" if row.chain.strip() in ("", "_", "(blank)") else row.chain.strip()
+        wanted.files.setdefault(Path(row.file).name, set()).add(chain)
         for key in _file_keys(Path(row.file)):
             wanted.setdefault(key, set()).add(chain)
     return wanted
@@ -207,6 +217,12 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     if chains is not None:
         files = [f for f in files if _file_keys(f) & chains.keys()]
+        # A chains-file row whose file is not among the inputs (a typo, an id the fetch did not deliver).
+        present = set().union(*(_file_keys(f) for f in files)) if files else set()
+        for name, wanted_chains in sorted(getattr(chains, "files", {}).items()):
+            if not _file_keys(Path(name)) & present:
+                reject(name, ",".join(sorted(c or "_" for c in wanted_chains)), "select",
+                       f"{name}: file: named by the chains file but not among the inputs")
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("prepare", total=len(files))
         for path in files:

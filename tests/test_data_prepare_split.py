@@ -186,3 +186,15 @@ def test_workflow_prepare_reads_the_fetch_report():
     rule = (ROOT / "snakemake" / "rules" / "data.smk").read_text()
     prepare = rule[rule.index("rule prepare:"):rule.index("rule split:")]
     assert "--fetch-report {input.fetched}" in prepare and "--in" not in prepare
+
+
+def test_a_chains_file_row_naming_no_input_is_reported(tmp_path):
+    chains_csv = tmp_path / "chains.csv"
+    chains_csv.write_text("file,chain\n1a8o.pdb,A\n1a8p.pdb,A\nelsewhere/9xyz.cif,B\n9xyz.cif,C\n")
+    assert main(["prepare", "--in", str(SAMPLES / "structures" / "1a8o.pdb"), "--out", str(tmp_path / "ds"),
+                 "--chains-file", str(chains_csv), "--no-progress"]) == 0
+    errors = pd.read_csv(tmp_path / "ds" / "errors.csv", keep_default_na=False)
+    assert list(zip(errors.file, errors.chain, errors.stage)) == [("1a8p.pdb", "A", "select"),
+                                                                  ("9xyz.cif", "B,C", "select")]
+    assert all("named by the chains file but not among the inputs" in r for r in errors.reason)
+    assert read_manifest(tmp_path / "ds").chain_id.tolist() == ["1a8o_A"]
