@@ -197,3 +197,15 @@ def test_editing_the_ids_file_query_or_chains_file_reruns_its_step(tmp_path: Pat
     missing = snakemake("--configfile", str(query), "--directory", str(fresh), "-n", manifest, cwd=fresh)
     assert missing.returncode != 0 and "q.json" in missing.stdout + missing.stderr
     assert "MissingInputException" in missing.stdout + missing.stderr or "Missing input" in missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training.trainer": {"max_step": 5}}, "training: trainer.max_step: unknown key"),
+    ({"base_training.trainer": {"lr": -1}}, "base_training: trainer.lr: must be >= 0.0"),
+    ({"grid.training": {"trainer.warmup_steps": "ten"}}, "training: trainer.warmup_steps: expected an integer"),
+])
+def test_a_bad_training_setting_stops_the_dry_run(tmp_path: Path, change: dict, message: str):
+    config = micro_config(tmp_path, **change)
+    result = snakemake("--configfile", str(config), "-n", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{config}: {message}" in result.stdout + result.stderr

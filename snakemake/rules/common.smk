@@ -433,3 +433,30 @@ def dataset_dir(wildcards, input) -> str:
 
 def run_dir(wildcards, input) -> str:
     return str(Path(input.run).parent)
+
+
+# ------------------------------------------------------------------------------ model configs, checked first
+def _check_model_configs() -> None:
+    """Resolve every model job's config as its `foldtune train` will (section of RESOLVED_CONFIG + the job's
+    overrides) before any job runs: a typo under `training:` / `base_training:` stops the dry run, naming the
+    section and key, instead of failing after fetch, prepare, split and the base. Checked again only when
+    the config or the grid changes (a model size check imports torch)."""
+    from types import SimpleNamespace
+
+    jobs = [("base_training", base_overrides(None))] if TRAINS_BASE else []
+    jobs += [("training", train_overrides(SimpleNamespace(run=name))) for name in RUNS]
+    key = hashlib.sha256(json.dumps([config, jobs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stamp = Path(EXP) / ".model_configs_checked"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == key:
+        return
+    from pipeline.config import ConfigError, load_config
+
+    for section, overrides in jobs:
+        try:
+            load_config(RESOLVED_CONFIG, section=section, overrides=shlex.split(overrides))
+        except ConfigError as exc:
+            raise WorkflowError(f"{_config_source()}: {section}: {exc}") from None
+    _write_if_changed(str(stamp), key + "\n")
+
+
+_check_model_configs()
