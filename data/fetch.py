@@ -41,6 +41,15 @@ _STRUCTURE_SUFFIX = re.compile(r"\.(cif|mmcif|pdb|ent)(\.gz)?$", re.I)
 _ID_CHAIN = re.compile(r"^(\d[A-Za-z0-9]{3})[_.:]([A-Za-z0-9]{1,4})$")
 
 
+class FetchInterrupted(Exception):
+    """Ctrl-C during `fetch`: the report was written for the ids that finished (the rest: failed,
+    "interrupted"); ``frame`` is that report."""
+
+    def __init__(self, frame: pd.DataFrame, report: Path):
+        super().__init__(f"interrupted; {report} lists the ids that finished")
+        self.frame, self.report = frame, report
+
+
 class FetchError(Exception):
     """One attempt failed. ``retry`` says whether another attempt may help."""
 
@@ -422,29 +431,44 @@ class Fetcher:
 
         rows, fetched = [], {}
         metadata_checked: dict[str, str | None] = {}
+        self.interrupted = False
         with Progress(disable=not self.config.progress, transient=True) as bar:
             task = bar.add_task("fetch", total=len(targets))
-            for target in targets:
-                key = target.id
-                if key in fetched:  # another chain of an id already handled: same file, no second request
-                    rows.append({**fetched[key], "chain": target.chain})
-                else:
-                    try:
-                        row = self.fetch_one(target, metadata_checked)
-                    except Exception as exc:  # a bug or odd error for one id must not lose the others
-                        row = {"id": target.id, "chain": target.chain, "status": "failed", "path": "",
-                               "reason": f"{target.id}: {type(exc).__name__}: {exc}"}
-                    fetched[key] = row
-                    rows.append(row)
-                bar.advance(task)
+            try:
+                self._run_targets(targets, rows, fetched, metadata_checked, bar, task)
+            except KeyboardInterrupt:  # Ctrl-C: report what finished; the rest are marked, not lost
+                self.interrupted = True
+                for target in targets[len(rows):]:
+                    rows.append({"id": target.id, "chain": target.chain, "status": "failed", "path": "",
+                                 "reason": f"{target.id}: interrupted (Ctrl-C) before it finished"})
         return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+
+    def _run_targets(self, targets: Sequence[Target], rows: list, fetched: dict, metadata_checked: dict, bar,
+                     task) -> None:
+        """Fetch `targets` in order, appending one report row each to `rows` (so an interrupt keeps them)."""
+        for target in targets:
+            key = target.id
+            if key in fetched:  # another chain of an id already handled: same file, no second request
+                rows.append({**fetched[key], "chain": target.chain})
+            else:
+                try:
+                    row = self.fetch_one(target, metadata_checked)
+                except Exception as exc:  # a bug or odd error for one id must not lose the others
+                    row = {"id": target.id, "chain": target.chain, "status": "failed", "path": "",
+                           "reason": f"{target.id}: {type(exc).__name__}: {exc}"}
+                fetched[key] = row
+                rows.append(row)
+            bar.advance(task)
 
 
 def fetch(targets: Iterable[Target], config: FetchConfig, report: str | os.PathLike | None = None) -> pd.DataFrame:
     """Fetch every target and write ``fetch_report.csv`` (atomically) to ``report`` (default: out or cache dir)."""
     targets = list(targets)
-    frame = Fetcher(config).run(targets)
+    fetcher = Fetcher(config)
+    frame = fetcher.run(targets)
     report = Path(report) if report else Path(config.out or config.cache) / "fetch_report.csv"
     with atomic_path(report) as tmp:
         frame.to_csv(tmp, index=False)
+    if fetcher.interrupted:
+        raise FetchInterrupted(frame, report)
     return frame

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -33,6 +35,7 @@ PLAN = {
     "9ZZZ": ["404"],
     "1PSM": ["500"],
     "1B05": ["other"],  # a valid mmCIF of another entry (1GBT)
+    "2CRB": ["sigint"],  # the user presses Ctrl-C while this one downloads
 }
 FILES = {"1A7G": "1a7g.cif", "4ZEY": "4zey.cif", "3ZEE": "3zee.cif", "2Q2K": "2q2k.cif", "3U8V": "3u8v.cif",
          "4I6P": "4i6p.cif", "1PSM": "1psm.cif"}
@@ -86,6 +89,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, body[: len(body) // 2])
         elif action == "clen":  # connection closes before Content-Length bytes arrive
             self._send(200, body[: len(body) // 2], length=len(body))
+        elif action == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)  # the fetch (main thread) gets KeyboardInterrupt, as from Ctrl-C
+            time.sleep(0.5)
+            self._send(500, b"gone")
         elif action == "other":
             self._send(200, (SHARED / "1gbt.cif").read_bytes())
         elif action == "html":
@@ -272,3 +279,25 @@ def test_malformed_search_answers_are_one_line_naming_the_search(tmp_path, serve
                  "--no-progress"])
     out = capsys.readouterr().out
     assert code == 2 and out.startswith("foldtune fetch: ") and message in out and out.count("\n") == 1
+
+
+def test_ctrl_c_writes_the_report_of_what_finished(tmp_path, server, capsys):
+    base, _ = server
+    args = ["fetch", "1A7G", "2CRB", "4ZEY", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+            "--rcsb-url", f"{base}/download", "--entry-url", f"{base}/entry", "--timeout", "5", "--backoff", "0",
+            "--no-progress"]
+    assert main(args) == 130
+    out = capsys.readouterr().out
+    assert out.startswith("foldtune fetch: interrupted (Ctrl-C) after 1 of 3 rows;") and out.count("\n") == 1
+    report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
+    assert report.status.tolist() == ["downloaded", "failed", "failed"]
+    assert all("interrupted (Ctrl-C)" in reason for reason in report.reason[1:])
+    _no_partial_files(tmp_path)
+    # Rerun: the finished one comes from the cache.
+    PLAN["2CRB"] = ["500"]
+    try:
+        assert main(args) == 1
+    finally:
+        PLAN["2CRB"] = ["sigint"]
+    report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
+    assert report.status.tolist() == ["cached", "failed", "downloaded"]

@@ -92,11 +92,21 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, F.FetchError) as exc:
         print(f"foldtune fetch: {exc}")
         return 2
+    except KeyboardInterrupt:
+        print("foldtune fetch: interrupted (Ctrl-C) before any id was fetched")
+        return 130
     if not targets:
         print("foldtune fetch: no ids (give ids, --ids-file or --query)")
         return 2
     report_path = Path(config.out or config.cache) / "fetch_report.csv"
-    frame = F.fetch(targets, config, report_path)
+    try:
+        frame = F.fetch(targets, config, report_path)
+    except F.FetchInterrupted as stop:
+        done = int((~stop.frame["reason"].str.contains("interrupted (Ctrl-C)", regex=False)).sum())
+        print(f"foldtune fetch: interrupted (Ctrl-C) after {done} of {len(stop.frame)} rows; {stop.report} lists "
+              "them (the others as failed, interrupted); rerun the same command to continue: finished downloads "
+              "are served from the cache")
+        return 130
     counts = frame.drop_duplicates("id")["status"].value_counts()
     summary = ", ".join(f"{status} {int(n)}" for status, n in counts.items())
     print(f"fetch: {frame['id'].nunique()} ids ({len(frame)} rows): {summary}; report {report_path}; "
