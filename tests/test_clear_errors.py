@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.cli import main
 from tests._adapter_runs import make_run
@@ -83,3 +84,29 @@ def test_a_cut_mmcif_is_truncated_in_prepare_and_source_dir(tmp_path, capsys, at
     report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
     assert report.status.tolist() == ["failed"] and f"{cut}: {message}" in report.reason[0]
     assert not (tmp_path / "out" / "1a7g.cif").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-size", "0"], "--chunk-size 0: must be >= 1"),
+    (["--max-tokens", "-1"], "--max-tokens -1: must be >= 1"),
+    (["--num-recycles", "-2"], "--num-recycles -2: must be >= 0"),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+])
+def test_predict_arguments_are_checked_first(tmp_path, capsys, args, message):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">x\nMKTAYIAKQR\n")
+    assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p"),
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"foldtune predict: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine has cuda")
+def test_predict_device_cuda_without_cuda(tmp_path, capsys):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">x\nMKTAYIAKQR\n")
+    assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p"),
+                 "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err

@@ -53,6 +53,30 @@ def run_out_dirs(runs: list[str], out: str) -> list[str]:
     return outs
 
 
+def argument_error(args: argparse.Namespace) -> str | None:
+    """The first bad argument, as `--name value: why`, or None (checked before any file is read)."""
+    import re
+
+    import torch
+
+    for name, value, minimum in (("--max-tokens", args.max_tokens, 1), ("--chunk-size", args.chunk_size, 1),
+                                 ("--num-recycles", args.num_recycles, 0)):
+        if value is not None and value < minimum:
+            return f"{name} {value}: must be >= {minimum}"
+    device = args.device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device not in ("auto", "cpu") and not match:
+        return f"--device {device}: expected auto, cpu, cuda or cuda:N"
+    if match:
+        if not torch.cuda.is_available():
+            return (f"--device {device}: CUDA is not available (torch {torch.__version__} sees no GPU); "
+                    "use --device cpu or auto")
+        index, count = int(match.group(1) or 0), torch.cuda.device_count()
+        if index >= count:
+            return f"--device {device}: there are {count} CUDA device(s) (0..{count - 1})"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -61,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline import predict
 
+    problem = argument_error(args)
+    if problem:
+        print(f"foldtune predict: {problem}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         if args.dataset:
