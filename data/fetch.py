@@ -66,6 +66,7 @@ class FetchConfig:
     entry_url: str = ENTRY_URL
     search_url: str = SEARCH_URL
     timeout: float = 30.0  # seconds per socket operation
+    attempt_timeout: float | None = 300.0  # seconds per attempt in all: a server dripping bytes cannot stall a run
     retries: int = 3  # extra attempts after the first
     backoff: float = 1.0  # seconds; attempt k waits backoff * 2**(k-1)
     offline: bool = False
@@ -125,11 +126,30 @@ def _open(url: str, timeout: float, data: bytes | None = None, headers: dict | N
     return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
 
 
-def http_get(url: str, timeout: float, data: bytes | None = None, headers: dict | None = None) -> bytes:
-    """Body of one request; raises ``FetchError`` classified for retry / unreachable network."""
+def _read_body(response, url: str, deadline: float | None) -> bytes:
+    """The response body, read in blocks so that the attempt's `deadline` (time.monotonic) holds even when
+    every single read is within the socket timeout (a server sending a byte at a time)."""
+    if deadline is None:
+        return response.read()
+    blocks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise FetchError(f"stalled: the attempt's time limit passed after {sum(map(len, blocks))} bytes",
+                             retry=True)
+        block = response.read1(1 << 16) if hasattr(response, "read1") else response.read(1 << 16)
+        if not block:
+            return b"".join(blocks)
+        blocks.append(block)
+
+
+def http_get(url: str, timeout: float, data: bytes | None = None, headers: dict | None = None,
+             attempt_timeout: float | None = None) -> bytes:
+    """Body of one request; raises ``FetchError`` classified for retry / unreachable network.
+    `timeout` bounds each socket operation, `attempt_timeout` the whole request (None: no limit)."""
+    deadline = time.monotonic() + attempt_timeout if attempt_timeout else None
     try:
         with _open(url, timeout, data, headers) as response:
-            body = response.read()
+            body = _read_body(response, url, deadline)
             expected = response.headers.get("Content-Length")
             if expected is not None and expected.isdigit() and len(body) < int(expected):
                 raise FetchError(f"truncated body ({len(body)} of {expected} bytes)", retry=True)
@@ -276,7 +296,7 @@ class Fetcher:
                 time.sleep(self.config.backoff * 2 ** (attempt - 1))
             self.requests += 1
             try:
-                body = http_get(url, self.config.timeout, data, headers)
+                body = http_get(url, self.config.timeout, data, headers, self.config.attempt_timeout)
                 if validate is not None:
                     validate(body)
                 return body

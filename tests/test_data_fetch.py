@@ -36,9 +36,11 @@ PLAN = {
     "1PSM": ["500"],
     "1B05": ["other"],  # a valid mmCIF of another entry (1GBT)
     "2CRB": ["sigint"],  # the user presses Ctrl-C while this one downloads
+    "4AKE": ["drip", "ok"],  # a byte every 50 ms: every read is within the socket timeout
 }
 FILES = {"1A7G": "1a7g.cif", "4ZEY": "4zey.cif", "3ZEE": "3zee.cif", "2Q2K": "2q2k.cif", "3U8V": "3u8v.cif",
          "4I6P": "4i6p.cif", "1PSM": "1psm.cif"}
+SLOW_FILES = {"4AKE": "4ake.cif"}  # served by the drip test only
 ENTRIES = {"1A7G": {"rcsb_entry_info": {"resolution_combined": [2.4], "deposited_polymer_monomer_count": 90},
                     "exptl": [{"method": "X-RAY DIFFRACTION"}]},
            "4ZEY": {"rcsb_entry_info": {"resolution_combined": [1.5], "deposited_polymer_monomer_count": 90},
@@ -75,7 +77,8 @@ class Handler(BaseHTTPRequestHandler):
             self.attempts[pdb_id] = attempt + 1
         plan = PLAN.get(pdb_id, ["404"])
         action = plan[min(attempt, len(plan) - 1)]
-        body = (SHARED / FILES[pdb_id]).read_bytes() if pdb_id in FILES else b""
+        served = {**FILES, **SLOW_FILES}
+        body = (SHARED / served[pdb_id]).read_bytes() if pdb_id in served else b""
         if action == "ok":
             self._send(200, body)
         elif action == "gzip":
@@ -89,6 +92,17 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, body[: len(body) // 2])
         elif action == "clen":  # connection closes before Content-Length bytes arrive
             self._send(200, body[: len(body) // 2], length=len(body))
+        elif action == "drip":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for index in range(40):
+                    self.wfile.write(body[index:index + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif action == "sigint":
             os.kill(os.getpid(), signal.SIGINT)  # the fetch (main thread) gets KeyboardInterrupt, as from Ctrl-C
             time.sleep(0.5)
@@ -301,3 +315,20 @@ def test_ctrl_c_writes_the_report_of_what_finished(tmp_path, server, capsys):
         PLAN["2CRB"] = ["sigint"]
     report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
     assert report.status.tolist() == ["cached", "failed", "downloaded"]
+
+
+def test_a_dripping_server_is_cut_off_by_the_attempt_timeout(tmp_path, server):
+    base, _ = server
+    config = _config(tmp_path, base, attempt_timeout=0.5)
+    started = time.perf_counter()
+    report = fetch([Target("4AKE")], config)
+    assert time.perf_counter() - started < 1.5  # 40 bytes at 50 ms: 2 s without the limit
+    assert report.status.tolist() == ["downloaded"] and Handler.attempts == {"4AKE": 2}
+    validate_mmcif((config.cache / "4ake.cif.gz").read_bytes())
+    Handler.attempts = {}
+    PLAN["4AKE"] = ["drip"]
+    try:
+        report = fetch([Target("4AKE")], _config(tmp_path / "again", base, attempt_timeout=0.5))
+    finally:
+        PLAN["4AKE"] = ["drip", "ok"]
+    assert report.status.tolist() == ["failed"] and "stalled: the attempt's time limit passed" in report.reason[0]

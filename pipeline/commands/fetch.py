@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", help="keep only these experimental methods (repeatable)")
     parser.add_argument("--max-entry-residues", type=int, help="skip entries with more deposited polymer residues")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per socket operation")
+    parser.add_argument("--attempt-timeout", type=float, default=300.0,
+                        help="seconds per attempt in all (a server sending a byte at a time is cut off; 0 = none)")
     parser.add_argument("--retries", type=int, default=3, help="extra attempts after a retryable failure")
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s (doubles each time)")
     parser.add_argument("--rcsb-url", default=None, help="base URL of file downloads (default files.rcsb.org/download)")
@@ -39,6 +41,8 @@ def argument_error(args: argparse.Namespace) -> str | None:
     checks = [("--retries", args.retries, args.retries >= 0, "must be >= 0 (extra attempts)"),
               ("--backoff", args.backoff, math.isfinite(args.backoff) and args.backoff >= 0, "must be >= 0 seconds"),
               ("--timeout", args.timeout, math.isfinite(args.timeout) and args.timeout > 0, "must be > 0 seconds"),
+              ("--attempt-timeout", args.attempt_timeout,
+               math.isfinite(args.attempt_timeout) and args.attempt_timeout >= 0, "must be >= 0 seconds (0 = none)"),
               ("--max", args.max, args.max is None or args.max >= 1, "must be >= 1 (search results)"),
               ("--max-resolution", args.max_resolution, args.max_resolution is None or args.max_resolution > 0,
                "must be > 0 Å"),
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         cache=Path(args.cache), out=Path(args.out) if args.out else None,
         files_url=args.rcsb_url or F.FILES_URL, entry_url=args.entry_url or F.ENTRY_URL,
         search_url=args.search_url or F.SEARCH_URL, timeout=args.timeout, retries=args.retries,
+        attempt_timeout=args.attempt_timeout or None,
         backoff=args.backoff, offline=args.offline, source_dirs=[Path(d) for d in args.source_dir],
         max_resolution=args.max_resolution, methods=args.method, max_entry_residues=args.max_entry_residues,
         progress=not args.no_progress,
