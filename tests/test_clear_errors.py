@@ -110,3 +110,15 @@ def test_predict_device_cuda_without_cuda(tmp_path, capsys):
     assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p"),
                  "--device", "cuda"]) == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_any_command_is_one_line(tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt anywhere in a command (here: while prepare reads its first file) -> exit 130."""
+    import data.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.prepare, "read_chains", interrupted)
+    assert main(["prepare", "--in", str(SAMPLES / "1a8o.pdb"), "--out", str(tmp_path / "ds"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.startswith("foldtune prepare: interrupted (Ctrl-C)")
