@@ -399,7 +399,11 @@ class Fetcher:
             if is_pdb_id and not self.offline and self._needs_metadata():
                 if target.id not in metadata_checked:
                     try:
-                        metadata_checked[target.id] = self.filter_reason(self.entry_metadata(target.id))
+                        metadata = self.entry_metadata(target.id)
+                        try:
+                            metadata_checked[target.id] = self.filter_reason(metadata)
+                        except (AttributeError, TypeError, ValueError, IndexError) as exc:
+                            raise FetchError(f"malformed: {type(exc).__name__}: {exc}", retry=False) from None
                     except FetchError as exc:
                         if exc.unreachable:
                             raise

@@ -45,7 +45,9 @@ ENTRIES = {"1A7G": {"rcsb_entry_info": {"resolution_combined": [2.4], "deposited
                     "exptl": [{"method": "X-RAY DIFFRACTION"}]},
            "4ZEY": {"rcsb_entry_info": {"resolution_combined": [1.5], "deposited_polymer_monomer_count": 90},
                     "exptl": [{"method": "X-RAY DIFFRACTION"}]},
-           "3ZEE": {"rcsb_entry_info": {"resolution_combined": [6.1]}, "exptl": [{"method": "ELECTRON MICROSCOPY"}]}}
+           "3ZEE": {"rcsb_entry_info": {"resolution_combined": [6.1]}, "exptl": [{"method": "ELECTRON MICROSCOPY"}]},
+           "3U8V": {"rcsb_entry_info": {"resolution_combined": ["high"]}},  # malformed
+           "2Q2K": {"rcsb_entry_info": "none", "exptl": "X-RAY"}}  # malformed
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -332,3 +334,14 @@ def test_a_dripping_server_is_cut_off_by_the_attempt_timeout(tmp_path, server):
     finally:
         PLAN["4AKE"] = ["drip", "ok"]
     assert report.status.tolist() == ["failed"] and "stalled: the attempt's time limit passed" in report.reason[0]
+
+
+def test_malformed_entry_metadata_is_named_and_the_file_still_fetched(tmp_path, server):
+    base, _ = server
+    resolution = fetch([Target("3U8V")], _config(tmp_path, base, max_resolution=2.0))
+    method = fetch([Target("2Q2K")], _config(tmp_path / "m", base, methods=["x-ray diffraction"]))
+    for report in (resolution, method):
+        assert report.status.tolist() == ["downloaded"]  # prepare still filters on the file's own resolution
+        assert report.reason[0].startswith("entry metadata unavailable (malformed: ")
+        assert report.reason[0].endswith("filters not applied")
+    assert "could not convert string to float: 'high'" in resolution.reason[0]
