@@ -98,10 +98,11 @@ class PrepareSummary:
                 + f"{self.seconds:.1f} s")
 
 
-def check_mmcif_complete(path: Path) -> None:
-    """ValueError naming ``path`` when it is an mmCIF cut short, also at a line boundary (its _atom_site loop
-    not closed by ``#`` or another item before the end of the file, as fetch checks downloads). Biopython
-    would read such a file as a shorter chain. PDB files are checked by ``data.structure``."""
+def check_mmcif_complete(path: Path, require_terminator: bool = True) -> None:
+    """ValueError naming ``path`` when it is an mmCIF cut short: in the middle of an _atom_site row, or (with
+    `require_terminator`) at a line boundary, its _atom_site loop not closed by ``#`` or another item before
+    the end of the file, as fetch checks downloads; Biopython would read that as a shorter chain. PDB files
+    are checked by ``data.structure``."""
     from data.fetch import validate_mmcif
     from data.structure import detect_format, read_text
 
@@ -109,7 +110,7 @@ def check_mmcif_complete(path: Path) -> None:
     if detect_format(text) != "mmcif" or not text.lstrip().startswith("data_"):
         return
     try:
-        validate_mmcif(text.encode("utf-8"))
+        validate_mmcif(text.encode("utf-8"), require_terminator=require_terminator)
     except ValueError as exc:
         raise ValueError(f"{path}: mmCIF: {str(exc).removeprefix('body: ')}") from None
 

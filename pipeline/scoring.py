@@ -195,6 +195,9 @@ def _cached_reader() -> Callable:
             return read_chain(path, chain=chain, model=model)  # raises read_chain's own error
         key = (str(resolved), stat.st_mtime_ns, stat.st_size, chain, model)
         if key not in cache:
+            from data.prepare import check_mmcif_complete  # a row cut short: "truncated", not IndexError
+
+            check_mmcif_complete(Path(path), require_terminator=False)
             cache[key] = read_chain(path, chain=chain, model=model)  # the path as given: messages name it
         return cache[key]
 

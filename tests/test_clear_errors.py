@@ -122,3 +122,14 @@ def test_ctrl_c_in_any_command_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data.prepare, "read_chains", interrupted)
     assert main(["prepare", "--in", str(SAMPLES / "1a8o.pdb"), "--out", str(tmp_path / "ds"), "--no-progress"]) == 130
     assert capsys.readouterr().err.startswith("foldtune prepare: interrupted (Ctrl-C)")
+
+
+def test_score_says_truncated_for_an_mmcif_cut_in_a_row(tmp_path, capsys):
+    cut = _cut_mmcif(tmp_path / "1a7g.cif", at_line_boundary=False)
+    assert main(["score", str(cut), str(SAMPLES / "1a7g.cif")]) == 1
+    err = capsys.readouterr().err
+    assert f"foldtune score: error: {cut}: mmCIF: truncated" in err and "IndexError" not in err
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({"id": ["cut"], "model": [str(cut)], "ref": [str(SAMPLES / "1a7g.cif")]}).to_csv(pairs, index=False)
+    assert main(["score", "--pairs", str(pairs), "--out", str(tmp_path / "s.csv"), "--no-progress"]) == 1
+    assert "mmCIF: truncated" in pd.read_csv(tmp_path / "s.csv").error[0]

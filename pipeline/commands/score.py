@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 HELP = "TM-score, GDT, RMSD, lDDT of a model against a reference"
 
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         if not (args.model and args.ref):
             print("foldtune score: need MODEL and REF (or --pairs / --predictions)", file=sys.stderr)
             return 2
+        from data.prepare import check_mmcif_complete
+
+        for path in (args.model, args.ref):  # a model from another tool may end its last loop without `#`
+            check_mmcif_complete(Path(path), require_terminator=False)
         result = scoring.score_pair(
             args.model, args.ref, chain1=args.chain1, chain2=args.chain2, model1=args.model1, model2=args.model2,
             align=args.align,
