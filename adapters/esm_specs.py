@@ -84,6 +84,21 @@ def hf_esm_spec(model: nn.Module) -> ModelSpec:
 TRIMUL_LINEARS = ("linear_a_p", "linear_a_g", "linear_b_p", "linear_b_g", "linear_g", "linear_z")
 
 
+def structure_module_stack(structure_module: nn.Module, root: str) -> Stack:
+    """The structure module's square single-representation Linears (target "sm"): `linear_in` and each
+    transition layer's `linear_{1,2,3}` (sequence_dim x sequence_dim).
+
+    One layer: the module's weights are shared by all its iterations, so there is no layer mode to factor.
+    The IPA projections are not square (sequence_dim -> heads * ipa_dim) and stay out, for every method,
+    so LoRA, LoRTA and TLoRA adapt the same matrices. Heads: the IPA's, for LoRTA's head mode.
+    """
+    dim = structure_module.linear_in.in_features
+    sites = [square_site(0, f"{root}.linear_in", "in", "sm")]
+    for i, _ in enumerate(structure_module.transition.layers):
+        sites += [square_site(0, f"{root}.transition.layers.{i}.linear_{j}", f"tr{i}.{j}", "sm") for j in (1, 2, 3)]
+    return Stack("sm", "trunk", root, dim, structure_module.ipa.num_heads, 1, tuple(sites))
+
+
 def hf_esmfold_spec(model: nn.Module) -> ModelSpec:
     """`EsmForProteinFolding`: the ESM-2 stem at `esm.` and two trunk stacks.
 
@@ -91,7 +106,8 @@ def hf_esmfold_spec(model: nn.Module) -> ModelSpec:
       `seq_attention.o_proj`, `mlp_seq.mlp.{1,3}`;
     - trunk_pair (width pairwise_state_dim): `tri_att_{start,end}.mha.linear_{q,k,v,o}` as types
       start.q ... end.o, `mlp_pair.mlp.{1,3}`, and (target "trimul") the 6 square linears of
-      `tri_mul_{out,in}`.
+      `tri_mul_{out,in}`;
+    - sm (width structure_module.sequence_dim, target "sm"): see `structure_module_stack`.
     """
     stem = hf_esm_stack(model.esm, "esm")
     blocks = model.trunk.blocks
@@ -121,6 +137,7 @@ def hf_esmfold_spec(model: nn.Module) -> ModelSpec:
                     pair_sites.append(square_site(i, f"{p}.tri_mul_{mul}.{name}", f"mul_{mul}.{name[7:]}", "trimul"))
         stacks.append(Stack("trunk_seq", "trunk", "trunk", seq_dim, seq_heads, len(blocks), tuple(seq_sites)))
         stacks.append(Stack("trunk_pair", "trunk", "trunk", pair_dim, pair_heads, len(blocks), tuple(pair_sites)))
+    stacks.append(structure_module_stack(model.trunk.structure_module, "trunk.structure_module"))
     return ModelSpec("hf_esmfold", tuple(stacks), "esm", ("stem", "trunk"))
 
 

@@ -28,6 +28,7 @@ TARGET_ROLES: dict[str, frozenset[str]] = {
     "qv": frozenset({"q", "v"}),
     "mlp": frozenset({"fc1", "fc2"}),
     "trimul": frozenset({"trimul"}),
+    "sm": frozenset({"sm"}),
 }
 
 

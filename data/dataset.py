@@ -41,7 +41,8 @@ class FoldingDataset(torch.utils.data.Dataset):
     ``mask (L,) float`` (ones: every position of the crop is a residue the model sees), ``observed (L,) float``
     (1 = the position has coordinates), ``atom37_positions (L, 37, 3) float``, ``atom37_mask (L, 37) float``
     (zero where unobserved, so the losses ignore those positions), ``chain_id`` str, ``sequence`` str,
-    ``crop_start`` int; L = min(length, crop_size). Crops are windows of the full sequence that hold at least
+    ``crop_start`` int, ``resolution`` float (Å, NaN when the entry has none: NMR, predicted); L = min(length,
+    crop_size). Crops are windows of the full sequence that hold at least
     one observed position. The crop depends only on (seed, epoch, i): call ``set_epoch(e)`` each epoch (as
     with DistributedSampler) to get new crops.
     """
@@ -100,13 +101,15 @@ class FoldingDataset(torch.utils.data.Dataset):
             "chain_id": self.chain_ids[index],
             "sequence": chain.sequence[window],
             "crop_start": start,
+            "resolution": float("nan") if chain.resolution is None else float(chain.resolution),
         }
 
 
 def collate(items: Sequence[dict]) -> dict:
     """Pad a list of ``FoldingDataset`` items to the longest: ``aatype (B,L) long`` (pad 20 = X, masked),
     ``residue_index (B,L) long`` (pad 0), ``mask (B,L) float`` (1 = real residue), ``observed (B,L) float``,
-    ``atom37_positions (B,L,37,3) float``, ``atom37_mask (B,L,37) float``, ``chain_id`` list[str]."""
+    ``atom37_positions (B,L,37,3) float``, ``atom37_mask (B,L,37) float``, ``resolution (B,) float`` (Å, NaN
+    unknown; the pLDDT loss's resolution filter), ``chain_id`` list[str]."""
     if not items:
         raise ValueError("collate: empty batch")
     batch, width = len(items), max(len(item["aatype"]) for item in items)
@@ -125,6 +128,8 @@ def collate(items: Sequence[dict]) -> dict:
                 out[key][row, :n] = torch.as_tensor(item[key])
             elif key == "observed":
                 out[key][row, :n] = 1.0
+    out["resolution"] = torch.tensor([float(item.get("resolution", float("nan"))) for item in items],
+                                     dtype=torch.float32)
     out["chain_id"] = [item["chain_id"] for item in items]
     return out
 

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("pipeline.commands.score", "TM-score, GDT, RMSD, lDDT of a model against a reference"),
     "train": ("pipeline.commands.train", "fine-tune a folding model or language model with an adapter"),
     "predict": ("pipeline.commands.predict", "fold sequences / a dataset split with a (fine-tuned) model"),
+    "contacts": ("pipeline.commands.contacts", "contact precision (P@L, L/2, L/5; short/medium/long) of a language-model run"),
     "export": ("pipeline.commands.export", "export a run: LoRA in peft's format, or --merged a transformers ESMFold dir"),
     "import-peft": ("pipeline.commands.import_peft", "make a foldtune run directory from a peft LoRA adapter"),
     "report": ("pipeline.commands.report", "compare methods: tables, plots, report.md/html"),

@@ -19,7 +19,8 @@ KINDS = ("fold", "lm")
 SOURCES = ("random", "esmfold_pretrained", "esm2_stem")
 METHODS = ("lora", "lorta", "tlora", "full", "none")
 PARTS = ("stem", "trunk", "all")
-TARGETS = ("attn", "mlp", "qv")
+TARGETS = ("attn", "mlp", "qv", "trimul", "sm")  # = adapters.spec.TARGET_ROLES (a test checks)
+FOLD_ONLY_TARGETS = ("trimul", "sm")  # the trunk's triangle multiplications, the structure module
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 LOSS_TERMS = ("fape_bb", "fape_sc", "distogram", "plddt", "chi")
@@ -74,7 +75,10 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "threads": None,
     },
-    "loss": {"fape_bb": 0.5, "fape_sc": 0.5, "distogram": 0.3, "plddt": 0.01, "chi": 1.0},
+    # Term weights, and AF2's options: FAPE clamped at 10 Å in this fraction of batches (the rest unclamped,
+    # drawn per global batch from trainer.seed), pLDDT loss only on chains with resolution in [min, max] Å.
+    "loss": {"fape_bb": 0.5, "fape_sc": 0.5, "distogram": 0.3, "plddt": 0.01, "chi": 1.0,
+             "fape_clamp_fraction": 0.9, "plddt_resolution": [0.1, 3.0]},
     "output_dir": "results/demo/runs/lorta_r8_s0",
 }
 
@@ -289,6 +293,9 @@ def validate(cfg: dict) -> None:
            "adapter.targets", "expected a non-empty list", adapter["targets"])
     for target in adapter["targets"]:
         _choice(target, "adapter.targets", TARGETS)
+        if target in FOLD_ONLY_TARGETS:
+            _check(cfg["kind"] == "fold" and adapter["part"] != "stem", "adapter.targets",
+                   f"{target} is in ESMFold's trunk: needs kind fold and part trunk or all", target)
     _choice(adapter["part"], "adapter.part", PARTS)
     _number(cfg, "adapter.dropout", minimum=0.0)
     _check(adapter["dropout"] < 1.0, "adapter.dropout", "must be < 1", adapter["dropout"])
@@ -333,9 +340,15 @@ def validate(cfg: dict) -> None:
     _int(cfg, "trainer.threads", minimum=1, optional=True)
 
     loss = cfg["loss"]
-    for term in loss:
-        _choice(term, f"loss.{term}", LOSS_TERMS)
+    for term in LOSS_TERMS:
         _number(cfg, f"loss.{term}", minimum=0.0)
+    _number(cfg, "loss.fape_clamp_fraction", minimum=0.0)
+    _check(loss["fape_clamp_fraction"] <= 1.0, "loss.fape_clamp_fraction", "must be <= 1 (a fraction of batches)",
+           loss["fape_clamp_fraction"])
+    window = loss["plddt_resolution"]
+    _check(window is None or (isinstance(window, (list, tuple)) and len(window) == 2
+                              and all(_is_number(v) for v in window) and 0 <= window[0] <= window[1]),
+           "loss.plddt_resolution", "expected null or [min, max] Å with 0 <= min <= max", window)
 
     _str(cfg["output_dir"], "output_dir")
 

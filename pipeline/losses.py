@@ -11,10 +11,16 @@ ESMFold outputs used (`EsmForProteinFoldingOutput`, n_sm = structure-module laye
     angles, unnormalized_angles (n_sm, B, L, 7, 2)   (sin, cos) of pre-omega, phi, psi, chi1..4
     distogram_logits (B, L, L, 64)
     lddt_head (n_sm, B, L, 37, 50)      per-atom37 pLDDT logits (CA = atom 1)
+
+Precision: every loss is computed in fp32 with autocast off, whatever the training precision: predictions
+are cast up to fp32, ground truth is never cast down (under bf16 autocast the FAPE einsums alone lose
+~1e-2 relative on real chains).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +49,21 @@ DEFAULT_WEIGHTS: dict[str, float] = {"fape_bb": 0.5, "fape_sc": 0.5, "distogram"
 _CA = rc.atom_order["CA"]  # index 1 in both atom37 and atom14
 
 
+def fp32_loss(fn):
+    """Run a loss with autocast off (CPU, and CUDA when present), so every op runs in its inputs' dtype, which
+    the loss casts up to fp32 first."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """sum(values·mask)/sum(mask) over `dims`; 0 where the mask is empty (no NaN)."""
     mask = mask.to(values.dtype).expand_as(values)
@@ -58,6 +79,7 @@ def _as_4x4(frames: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"frames: expected (..., 7) or (..., 4, 4), got {tuple(frames.shape)}")
 
 
+@fp32_loss
 def compute_fape(
     pred_frames: torch.Tensor,
     true_frames: torch.Tensor,
@@ -88,6 +110,9 @@ def compute_fape(
         offsets = points[..., None, :, :] - trans[..., :, None, :]  # (*, F, P, 3)
         return torch.einsum("...fji,...fpj->...fpi", rot, offsets)  # R^T (x - t)
 
+    pred_frames, pred_points = pred_frames.float(), pred_points.float()
+    true_frames, true_points = true_frames.float(), true_points.float()
+    frame_mask, point_mask = frame_mask.float(), point_mask.float()
     error = torch.sqrt(torch.sum((local(pred_frames, pred_points) - local(true_frames, true_points)) ** 2, dim=-1) + eps)
     if clamp_distance is not None:
         error = torch.clamp(error, max=clamp_distance)
@@ -95,6 +120,7 @@ def compute_fape(
     return _masked_mean(error / length_scale, pair_mask, dims=(-2, -1))
 
 
+@fp32_loss
 def backbone_fape(
     pred_frames: torch.Tensor,
     gt_frames: torch.Tensor,
@@ -113,11 +139,11 @@ def backbone_fape(
         frame_mask: (B, L) `backbone_rigid_mask` (N, CA, C observed; padding = 0).
     Returns: scalar, units of `length_scale` (10 Å); ≈ sqrt(eps)/length_scale = 0.001 at the truth.
     """
-    pred = _as_4x4(pred_frames)
+    pred = _as_4x4(pred_frames.float())
     if pred.dim() == 4:
         pred = pred[None]
-    truth = _as_4x4(gt_frames).to(pred.dtype)
-    mask = frame_mask.to(pred.dtype)
+    truth = _as_4x4(gt_frames.float())
+    mask = frame_mask.float()
     per_layer = compute_fape(
         pred, truth[None], mask[None], pred[..., :3, 3], truth[None, ..., :3, 3], mask[None],
         clamp_distance=clamp_distance, length_scale=length_scale, eps=eps,
@@ -135,6 +161,7 @@ _AMBIGUOUS_SLOTS = _ambiguous_slots()
 
 
 @torch.no_grad()
+@fp32_loss
 def rename_symmetric_ground_truth(
     pred_positions: torch.Tensor, ground_truth: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -156,7 +183,8 @@ def rename_symmetric_ground_truth(
     gt_exists = ground_truth["atom14_gt_exists"]
     ambiguous = ground_truth["atom14_atom_is_ambiguous"]
     batch, length = gt_pos.shape[:2]
-    pred = pred_positions.detach().to(gt_pos.dtype)
+    pred = pred_positions.detach().float()
+    gt_pos, alt_pos = gt_pos.float(), alt_pos.float()
 
     # Ambiguous atoms occupy a few fixed atom14 slots (6..9); compare only those against all atoms.
     slots = _AMBIGUOUS_SLOTS
@@ -187,6 +215,7 @@ def rename_symmetric_ground_truth(
     }
 
 
+@fp32_loss
 def sidechain_fape(
     pred_sidechain_frames: torch.Tensor,
     pred_positions: torch.Tensor,
@@ -212,8 +241,9 @@ def sidechain_fape(
     if pred_positions.dim() == 5:
         pred_positions = pred_positions[-1]
     batch, length = pred_positions.shape[:2]
+    pred_positions, pred_sidechain_frames = pred_positions.float(), pred_sidechain_frames.float()
     renamed = rename_symmetric_ground_truth(pred_positions, ground_truth)
-    dtype = pred_positions.dtype
+    dtype = torch.float32
     fape = compute_fape(
         pred_sidechain_frames.reshape(batch, length * 8, 4, 4),
         renamed["renamed_rigidgroups_gt_frames"].reshape(batch, length * 8, 4, 4).to(dtype),
@@ -226,6 +256,7 @@ def sidechain_fape(
     return fape.mean()
 
 
+@fp32_loss
 def distogram_loss(
     logits: torch.Tensor,
     pseudo_beta: torch.Tensor,
@@ -248,10 +279,12 @@ def distogram_loss(
     dist_sq = torch.sum((pseudo_beta[..., :, None, :] - pseudo_beta[..., None, :, :]).float() ** 2, dim=-1)
     true_bins = torch.sum(dist_sq[..., None] > boundaries**2, dim=-1)  # (B, L, L)
     errors = F.cross_entropy(logits.movedim(-1, 1).float(), true_bins, reduction="none")
+    pseudo_beta_mask = pseudo_beta_mask.float()
     pair_mask = pseudo_beta_mask[..., :, None] * pseudo_beta_mask[..., None, :]
     return _masked_mean(errors, pair_mask, dims=(-2, -1)).mean()
 
 
+@fp32_loss
 def plddt_loss(
     lddt_logits_ca: torch.Tensor,
     pred_ca: torch.Tensor,
@@ -265,8 +298,9 @@ def plddt_loss(
 
     Target: bin = floor(lddt_ca · no_bins) (clipped to no_bins - 1) of the per-residue CA lDDT of the
     (detached) prediction against the truth (`pipeline.metrics.lddt_ca`: pairs of observed true CAs
-    within R0 = `cutoff` Å, thresholds 0.5/1/2/4 Å; a residue without pairs scores 0); loss =
-    cross-entropy of the logits.
+    within R0 = `cutoff` Å, thresholds 0.5/1/2/4 Å); a residue with no observed true CA within `cutoff`
+    scores 1 (top bin), as in AF2 / openfold (their lDDT is eps·(1 + sum)/(eps + n_pairs)), not the 0 of
+    `lddt_ca` (a metric, where such a residue has no score); loss = cross-entropy of the logits.
 
     Args:
         lddt_logits_ca: (B, L, no_bins) -- ESMFold `lddt_head[-1][..., 1, :]`.
@@ -274,15 +308,21 @@ def plddt_loss(
         example_weight: optional (B,) 0/1, e.g. openfold trains pLDDT only on 0.1–3 Å resolution chains.
     Returns: scalar, nats, averaged over residues with an observed CA, then over the batch.
     """
-    score = lddt_ca(pred_ca.detach(), true_ca, ca_mask, per_residue=True, cutoff=cutoff)
+    true_ca, ca_mask = true_ca.float(), ca_mask.float()
+    score = lddt_ca(pred_ca.detach().float(), true_ca, ca_mask, per_residue=True, cutoff=cutoff)
+    # Observed true CAs within `cutoff` (<=, as lddt_ca counts pairs), other than the residue itself.
+    close = (torch.cdist(true_ca, true_ca) <= cutoff) & (ca_mask[..., :, None] * ca_mask[..., None, :] > 0)
+    lonely = close.sum(-1) <= 1  # only itself (or unobserved: masked out of the loss anyway)
+    score = torch.where(lonely, torch.ones_like(score), score)
     target = torch.clamp(torch.floor(score * no_bins).long(), max=no_bins - 1)
     errors = F.cross_entropy(lddt_logits_ca.movedim(-1, 1).float(), target, reduction="none")  # (B, L)
-    per_example = _masked_mean(errors, ca_mask, dims=(-1,))
+    per_example = _masked_mean(errors, ca_mask.float(), dims=(-1,))
     if example_weight is not None:
-        per_example = per_example * example_weight.to(per_example.dtype)
+        per_example = per_example * example_weight.float()
     return per_example.mean()
 
 
+@fp32_loss
 def chi_loss(
     pred_angles: torch.Tensor,
     pred_unnormalized_angles: torch.Tensor,
@@ -309,7 +349,8 @@ def chi_loss(
     """
     if pred_angles.dim() == 4:
         pred_angles, pred_unnormalized_angles = pred_angles[None], pred_unnormalized_angles[None]
-    dtype = pred_angles.dtype
+    pred_angles, pred_unnormalized_angles = pred_angles.float(), pred_unnormalized_angles.float()
+    dtype = torch.float32
     pred_chi = pred_angles[..., 3:, :]  # (n_sm, B, L, 4, 2)
     pi_periodic = pred_chi.new_tensor(rc.chi_pi_periodic)[aatype.clamp(max=rc.restype_num)]  # (B, L, 4)
     true_chi = chi_angles_sin_cos.to(dtype)
@@ -342,6 +383,7 @@ def _resolve_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     return resolved
 
 
+@fp32_loss
 def folding_loss(
     outputs: Any,
     batch: Mapping[str, Any],
@@ -366,7 +408,8 @@ def folding_loss(
     for field in ("aatype", "mask", "atom37_positions", "atom37_mask"):
         if field not in batch:
             raise ValueError(f"batch: missing field {field!r}")
-    truth = make_ground_truth(batch["aatype"], batch["atom37_positions"], batch["atom37_mask"], residue_mask=batch["mask"])
+    truth = make_ground_truth(batch["aatype"], batch["atom37_positions"].float(), batch["atom37_mask"].float(),
+                              residue_mask=batch["mask"].float())
     positions = _output(outputs, "positions")
     terms: dict[str, torch.Tensor] = {}
     if resolved["fape_bb"]:
@@ -384,14 +427,16 @@ def folding_loss(
         )
     if resolved["plddt"]:
         weight = None
-        if plddt_resolution_range is not None and "resolution" in batch:
+        if plddt_resolution_range is not None:
+            if "resolution" not in batch:
+                raise ValueError("batch: no 'resolution' field for the pLDDT resolution filter (loss.plddt_resolution)")
             resolution = torch.as_tensor(batch["resolution"], dtype=torch.float32, device=positions.device)
             low, high = plddt_resolution_range
             weight = ((resolution >= low) & (resolution <= high)).float()  # NaN (unknown) -> excluded
-        ca_mask = batch["atom37_mask"][..., _CA] * batch["mask"]
+        ca_mask = batch["atom37_mask"][..., _CA].float() * batch["mask"].float()
         terms["plddt"] = plddt_loss(
             _output(outputs, "lddt_head")[-1][..., _CA, :], positions[-1][..., _CA, :],
-            batch["atom37_positions"][..., _CA, :], ca_mask, example_weight=weight,
+            batch["atom37_positions"][..., _CA, :].float(), ca_mask, example_weight=weight,
         )
     if resolved["chi"]:
         terms["chi"] = chi_loss(

@@ -43,6 +43,7 @@ from adapters.zoo import FAIR_ESM2
 
 HUB_ESMFOLD = "facebook/esmfold_v1"
 FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+FAIR_ESM_REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
 
 # fair-esm ESM-2 releases: name -> (layers, embed_dim, heads), one table shared with `foldtune params`.
 # Used to size a model on the meta device without downloading it, and to validate names early.
@@ -109,6 +110,15 @@ def _checkpointed_call(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+def _fp32_structure_call(forward, evoformer_output_dict: dict, aatype: torch.Tensor,
+                         mask: torch.Tensor | None = None, **kwargs):
+    """Run the structure module with autocast off and fp32 inputs (single (B, L, C_s), pair (B, L, L, C_z)):
+    rigid-frame composition and IPA point distances lose Å-scale precision in bf16."""
+    with torch.autocast(device_type=aatype.device.type, enabled=False):
+        inputs = {key: value.float() for key, value in evoformer_output_dict.items()}
+        return forward(inputs, aatype, None if mask is None else mask.float(), **kwargs)
+
+
 class FoldingModel(EsmForProteinFolding):
     """`EsmForProteinFolding` whose ESM-2 stem can be trained.
 
@@ -131,6 +141,17 @@ class FoldingModel(EsmForProteinFolding):
             elif not enabled and plain is not None:
                 block.forward = plain
                 del block._plain_forward
+
+    def set_fp32_structure_module(self, enabled: bool) -> None:
+        """Keep the structure module in fp32 under autocast (bf16 prediction); module names are unchanged."""
+        module = self.trunk.structure_module
+        plain = module.__dict__.get("_plain_forward")
+        if enabled and plain is None:
+            module._plain_forward = module.forward
+            module.forward = functools.partial(_fp32_structure_call, module._plain_forward)
+        elif not enabled and plain is not None:
+            module.forward = plain
+            del module._plain_forward
 
     def language_model_features(self, esmaa: torch.Tensor) -> torch.Tensor:
         """Stacked ESM-2 hidden states `(B, L, n_layers + 1, C)` in the trunk's dtype.
@@ -157,7 +178,9 @@ class FoldingModel(EsmForProteinFolding):
         """Fold a batch.
 
         input_ids: (B, L) AF2-order residue indices; attention_mask: (B, L) 1 = residue;
-        position_ids: (B, L) residue numbers; num_recycles: n gives n + 1 trunk iterations.
+        position_ids: (B, L) residue numbers; num_recycles: n gives n + 1 trunk passes, None upstream's
+        default of `max_recycles` passes (`default_recycles`; one pass for max_recycles 0, where upstream
+        would run none and fail).
         Output fields as upstream (positions (n_sm, B, L, 14, 3) Å, plddt (B, L, 37) in [0, 1], ...).
         """
         cfg = self.config.esmfold_config
@@ -277,10 +300,17 @@ def init_folding_head(model: FoldingModel) -> None:
 
 def head_parameters(model: FoldingModel) -> dict[str, torch.nn.Parameter]:
     """Parameters of the folding head outside the trunk blocks (what `model.train_heads` trains): the
-    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads."""
+    stem-feature projection (`esm_s_combine`, `esm_s_mlp`, `embedding`), structure module and output heads.
+
+    Adapter parameters attached inside these modules (target `sm`: the structure module) are the adapter's,
+    not the head's, so they are left out.
+    """
+    import adapters
+
+    own = set(adapters.adapter_parameter_names(model))
     params: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
-        if any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
+        if name not in own and any(name == m or name.startswith(m + ".") for m in HEAD_MODULES):
             params[name] = param
     return params
 
@@ -396,10 +426,21 @@ def build_esmfold_pretrained(path: str, size: dict | None = None) -> FoldingMode
             raise ModelSourceError(f"model.path: {path}: no such directory; {hint}")
         _require_network("huggingface.co", f"model.path: {path!r}", hint)
         source, kwargs = str(path), {}
+    config = EsmConfig.from_pretrained(source, **kwargs)
     if _on_meta_device():
-        return FoldingModel(EsmConfig.from_pretrained(source, **kwargs))
-    model = FoldingModel.from_pretrained(source, dtype=torch.float32, **kwargs)
-    model.esm.float()  # fp16_esm checkpoints: keep fp32 weights, autocast picks the compute dtype
+        return FoldingModel(config)
+    # fp16_esm (esmfold_v1: true) makes upstream's __init__ halve the stem before the weights load, which
+    # rounds the fp32 checkpoint to fp16 (up to 5e-4 per weight). Build with an fp32 stem so the weights load
+    # exactly, then restore the directory's flag (kept for save_pretrained / export); autocast picks the
+    # compute dtype (`foldtune predict --precision`).
+    fp16_esm = config.esmfold_config.fp16_esm
+    config.esmfold_config.fp16_esm = False
+    model = FoldingModel.from_pretrained(source, config=config, dtype=torch.float32, **kwargs)
+    model.config.esmfold_config.fp16_esm = fp16_esm
+    # from_pretrained leaves every weight trainable, undoing EsmForProteinFolding's frozen stem: the stem
+    # would then build a graph in plain forwards and `adapters.detach` would restore it as trainable.
+    model.esm.requires_grad_(False)
+    model.esm.float()  # a checkpoint stored in fp16: fp32 parameters all the same
     return model
 
 
@@ -407,17 +448,44 @@ def _cfg_get(cfg: Any, key: str) -> Any:
     return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
 
 
+def _torch_load(path: Path) -> Any:
+    """`torch.load` on CPU, memory-mapped when the file is a zip archive (the legacy non-zip serialization
+    of older torch versions cannot be mapped and is read whole)."""
+    import zipfile
+
+    return torch.load(str(path), map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+
+
+def regression_path(checkpoint: Path) -> Path:
+    """fair-esm's location of a checkpoint's contact regression: `<stem>-contact-regression.pt` next to it."""
+    return checkpoint.with_name(f"{checkpoint.stem}-contact-regression.pt")
+
+
+def _read_regression(path: Path, source: str) -> dict[str, torch.Tensor]:
+    data = _torch_load(path)
+    state = data.get("model") if isinstance(data, dict) else None
+    keys = {"contact_head.regression.weight", "contact_head.regression.bias"}
+    if not isinstance(state, dict) or set(state) != keys:
+        raise ValueError(f"model.esm2: {path}: not a fair-esm contact regression (expected 'model' with "
+                         f"{sorted(keys)}) for {source}")
+    return dict(state)
+
+
 def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, tuple[int, int, int], bool]:
     """Load a fair-esm ESM-2 checkpoint (local `.pt` or release name).
 
-    Returns (state_dict with fair-esm module names, (layers, embed_dim, heads), token_dropout).
+    Returns (state_dict with fair-esm module names, (layers, embed_dim, heads), token_dropout). The state
+    includes `contact_head.regression.*` when the release's separate `<name>-contact-regression.pt` is found
+    (next to a local file; in the torch hub cache or downloaded for a name), as fair-esm loads it.
     With `weights=False` a release name is sized from `FAIR_ESM2_MODELS` without any download.
     """
     path = Path(source).expanduser()
+    regression: Path | None = None
     if path.suffix == ".pt" or path.exists():
         if not path.is_file():
             raise ModelSourceError(f"model.esm2: {path}: no such file")
-        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        data = _torch_load(path)
+        regression = regression_path(path)
     else:
         if source not in FAIR_ESM2_MODELS:
             raise ModelSourceError(f"model.esm2: {source!r}: not a file and not a fair-esm ESM-2 name "
@@ -426,12 +494,14 @@ def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, t
             return {}, FAIR_ESM2_MODELS[source], True
         cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{source}.pt"
         if cached.is_file():
-            data = torch.load(str(cached), map_location="cpu", weights_only=False, mmap=True)
+            data = _torch_load(cached)
         else:
             _require_network("dl.fbaipublicfiles.com", f"model.esm2: {source!r}",
                              f"download {FAIR_ESM_URL.format(name=source)} elsewhere and pass model.esm2=/path/{source}.pt")
             import esm.pretrained
             data = esm.pretrained.load_hub_workaround(FAIR_ESM_URL.format(name=source))
+            esm.pretrained.load_hub_workaround(FAIR_ESM_REGRESSION_URL.format(name=source))  # into the hub cache
+        regression = regression_path(cached)
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"model.esm2: {source}: not a fair-esm checkpoint (expected a dict with 'model')")
     if "cfg" in data:
@@ -453,7 +523,14 @@ def read_fair_esm_checkpoint(source: str, weights: bool = True) -> tuple[dict, t
                 name = name[len(prefix):]
                 break
         state[name] = tensor
+    if regression is not None and regression.is_file() and not any(k.startswith("contact_head.") for k in state):
+        state.update(_read_regression(regression, source))
     return state, tuple(int(d) for d in dims), token_dropout
+
+
+def has_contact_regression(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a fair-esm state dict carries the trained contact regression (else the head is random)."""
+    return "contact_head.regression.weight" in state
 
 
 _LAYER_MAP = {
@@ -507,7 +584,9 @@ def esm2_stem_config(dims: tuple[int, int, int], token_dropout: bool, num_blocks
     trunk = _apply_overrides({**ESMFOLD_TRUNK, "num_blocks": num_blocks}, trunk_size)
     stem = {"hidden_size": embed_dim, "num_hidden_layers": layers, "num_attention_heads": heads,
             "intermediate_size": 4 * embed_dim}
-    return esm_config(stem, trunk, token_dropout=token_dropout, emb_layer_norm_before=False, layer_norm_eps=1e-5)
+    # ESM-2 has no dropout (fair-esm's layers have none); HF's EsmConfig defaults to 0.1 on both.
+    return esm_config(stem, trunk, token_dropout=token_dropout, emb_layer_norm_before=False, layer_norm_eps=1e-5,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def build_esm2_stem(source: str, num_blocks: int, size: dict | None = None) -> FoldingModel:
@@ -565,3 +644,9 @@ def _build_folding_model(model_cfg: dict) -> FoldingModel:
 
 def max_recycles(model: FoldingModel) -> int:
     return int(model.config.esmfold_config.trunk.max_recycles)
+
+
+def default_recycles(model: FoldingModel) -> int:
+    """Recycles of a forward with `num_recycles=None`, as upstream `EsmForProteinFolding`: `max_recycles`
+    trunk passes, i.e. max_recycles - 1 recycles (0 for max_recycles 0: a single pass)."""
+    return max(max_recycles(model) - 1, 0)

@@ -4,8 +4,16 @@
     PRED_DIR/predictions.csv    chain_id,pdb,mean_plddt,ptm,length   (pdb = absolute path of the file)
 
 The model is rebuilt from a run directory (`RUN/config.yaml` model section + `RUN/adapter/`), or from a
-training config for the untuned base. Chains are folded whole (no crop) with the model's maximum number
-of recycles, in length-sorted batches under a token budget.
+training config for the untuned base. Chains are folded whole (no crop), in length-sorted batches under a
+token budget, with upstream `EsmForProteinFolding`'s default recycling unless `num_recycles` is given:
+`max_recycles` trunk passes (num_recycles = max_recycles - 1; an explicit n runs n + 1 passes, as upstream).
+
+Precision (`precision=`): "fp32", or "bf16": the ESM-2 stem, the trunk and the heads under bf16 autocast,
+the structure module in fp32 (frames and IPA point distances are where bf16 loses Å). Chunking
+(`chunk_size=`, the trunk's `set_chunk_size`: axial attention over chunks of that many rows, memory ~O(L)
+instead of O(L^2), same values up to fp rounding): default the model config's `trunk.chunk_size` when set
+(none in esmfold_v1 and foldtune's configs), else `DEFAULT_CHUNK_SIZE` for a batch holding a chain longer
+than `LONG_CHAIN` residues, none otherwise.
 
 Which sequence is folded (`sequence=`): "full" (default) folds the deposited sequence of each chain, with
 position ids 0..N-1 along it, as ESMFold does; the PDB gets SEQRES records and the native's author numbering
@@ -25,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from transformers.models.esm.openfold_utils import atom14_to_atom37, compute_tm
 
 from data.io import atomic_path, atomic_write_text
@@ -33,6 +42,9 @@ from data.tokenize import af2_indices
 
 PREDICTION_COLUMNS = ["chain_id", "pdb", "mean_plddt", "ptm", "length"]
 SEQUENCE_MODES = ("full", "observed")
+PRECISIONS = ("fp32", "bf16")
+LONG_CHAIN = 512          # residues: above this, unchunked axial attention is a memory (and accuracy) risk
+DEFAULT_CHUNK_SIZE = 128  # rows per chunk of the trunk's axial attention for such batches
 
 
 @dataclass
@@ -213,17 +225,62 @@ def base_key(cfg: dict) -> str:
     return json.dumps(base_source(cfg["model"], cfg.get("kind", "fold")), sort_keys=True)
 
 
+FRESH_HEAD_SOURCES = ("random", "esm2_stem")  # model sources whose folding head starts untrained
+
+
+def trained_recycles(cfg: dict, trained: bool = True) -> int | None:
+    """Most recycles a fresh folding head was trained with: the `trainer.recycles` maximum of the run
+    (`trained`: `cfg` is a run's config, not an untuned base) and of its `model.base_run`. None when the head
+    comes pretrained (esmfold_pretrained) or was never trained."""
+    model = cfg.get("model") or {}
+    if model.get("source", "random") not in FRESH_HEAD_SOURCES:
+        return None
+    seen: list[int] = []
+    if trained:
+        seen.append(int(((cfg.get("trainer") or {}).get("recycles") or [0, 0])[1]))
+    if model.get("base_run"):
+        base_config = Path(model["base_run"]) / "config.yaml"
+        if base_config.is_file():
+            base = yaml.safe_load(base_config.read_text()) or {}
+            seen.append(int(((base.get("trainer") or {}).get("recycles") or [0, 0])[1]))
+    return max(seen) if seen else None
+
+
+def recycles_warning(cfg: dict, model, num_recycles: int | None, where: str, trained: bool = True) -> str | None:
+    """One line when prediction recycles more often than a fresh folding head was trained to (its recycling
+    layers never learned those passes), else None."""
+    from pipeline.models import default_recycles
+
+    most = trained_recycles(cfg, trained)
+    if most is None:
+        return None
+    used = default_recycles(model) if num_recycles is None else num_recycles
+    if used <= most:
+        return None
+    return (f"warning: {where}: predicting with {used} recycles, but its fresh folding head was trained with at "
+            f"most {most} (trainer.recycles); pass --num-recycles {most} or set "
+            f"model.size.trunk.max_recycles: {most + 1}")
+
+
 def predict_runs(run_dirs: Sequence[str | Path], targets: Sequence[Target], out_dirs: Sequence[str | Path],
                  device: str = "cpu", merged: bool = False, force: bool = False,
-                 log: Callable[[str], None] = print, **fold_options) -> list[pd.DataFrame]:
+                 log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None,
+                 **fold_options) -> list[pd.DataFrame]:
     """Predict `targets` with several runs, building each distinct base once and switching adapters on it.
 
     Runs are grouped by `base_key`; in a group the base is built and moved to `device` once, then for each
     run its adapter is attached and loaded (keep_base), the targets folded into its out dir, and the adapter
     detached again, which restores every base value the run overwrote (trained heads, method=full weights).
-    Returns one predictions table per run, in the order given.
+    `warn` (default: stderr) gets `recycles_warning`'s line for a run whose fresh head was trained with fewer
+    recycles than the prediction runs. Returns one predictions table per run, in the order given.
     """
+    import sys
+
     import adapters
+
+    if warn is None:
+        def warn(message: str) -> None:
+            print(message, file=sys.stderr)
 
     configs = [read_run_config(Path(run)) for run in run_dirs]
     groups: dict[str, list[int]] = {}
@@ -234,6 +291,9 @@ def predict_runs(run_dirs: Sequence[str | Path], targets: Sequence[Target], out_
         model = load_base_model(configs[members[0]]).eval().to(device)
         for index in members:
             run_dir = Path(run_dirs[index])
+            warning = recycles_warning(configs[index], model, fold_options.get("num_recycles"), str(run_dir))
+            if warning:
+                warn(warning)
             load_run_adapter(model, run_dir, configs[index], merged=merged, force=force, keep_base=True)
             tables[index] = predict_targets(model.eval(), targets, out_dirs[index], **fold_options)
             adapters.detach(model)
@@ -251,15 +311,35 @@ def batches_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]
     return TokenBudgetBatchSampler(lengths, max_tokens, shuffle=False).batches()
 
 
+def check_fold_options(chunk_size: int | None = None, num_recycles: int | None = None,
+                       precision: str = "fp32", max_tokens: int | None = None) -> None:
+    """ValueError naming the option when a prediction setting is out of range."""
+    for flag, value in (("--chunk-size", chunk_size), ("--max-tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{flag}: must be a positive integer, got {value!r}")
+    if num_recycles is not None and (isinstance(num_recycles, bool) or not isinstance(num_recycles, int)
+                                     or num_recycles < 0):
+        raise ValueError(f"--num-recycles: must be an integer >= 0, got {num_recycles!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def default_chunk_size(lengths: Sequence[int]) -> int | None:
+    """`DEFAULT_CHUNK_SIZE` when a chain is longer than `LONG_CHAIN` residues, else None (no chunking)."""
+    return DEFAULT_CHUNK_SIZE if max(lengths, default=0) > LONG_CHAIN else None
+
+
 @torch.no_grad()
-def fold(model, targets: Sequence[Target], num_recycles: int | None = None) -> list[tuple[ProteinChain, float]]:
+def fold(model, targets: Sequence[Target], num_recycles: int | None = None,
+         precision: str = "fp32") -> list[tuple[ProteinChain, float]]:
     """Fold one batch; returns (predicted chain, pTM) per target, in order.
 
+    num_recycles: None = upstream's default (`max_recycles` trunk passes), n = n + 1 passes.
+    precision: "fp32", or "bf16" (autocast; structure module in fp32).
     The predicted chain keeps the template's residue numbering / insertion codes; B-factors hold
-    pLDDT in 0-100 (HF's ESMFold gives 0-1).
+    pLDDT in 0-100 (HF's ESMFold gives 0-1, and its `infer_pdb` writes 0-1 B-factors).
     """
-    from pipeline.models import max_recycles
-
+    check_fold_options(num_recycles=num_recycles, precision=precision)
     device = next(model.parameters()).device
     width = max(t.length for t in targets)
     aatype = torch.full((len(targets), width), 20, dtype=torch.long)
@@ -270,9 +350,12 @@ def fold(model, targets: Sequence[Target], num_recycles: int | None = None) -> l
         aatype[row, :n] = torch.as_tensor(target.template.aatype)
         mask[row, :n] = 1
         residx[row, :n] = torch.as_tensor(target.positions)
-    recycles = max_recycles(model) if num_recycles is None else num_recycles
-    out = model(aatype.to(device), attention_mask=mask.to(device), position_ids=residx.to(device),
-                num_recycles=recycles)
+    bf16 = precision == "bf16"
+    if hasattr(model, "set_fp32_structure_module"):
+        model.set_fp32_structure_module(bf16)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(aatype.to(device), attention_mask=mask.to(device), position_ids=residx.to(device),
+                    num_recycles=num_recycles)
     features = {"residx_atom37_to_atom14": out["residx_atom37_to_atom14"].long().cpu(),
                 "atom37_atom_exists": out["atom37_atom_exists"].float().cpu()}
     atom37 = atom14_to_atom37(out["positions"][-1].float().cpu(), features).numpy()
@@ -312,20 +395,30 @@ def write_predictions(out_dir: Path, rows: list[dict]) -> Path:
 
 def predict_targets(model, targets: Sequence[Target], out_dir: str | Path, max_tokens: int = 4096,
                     chunk_size: int | None = None, num_recycles: int | None = None,
-                    progress: bool = True) -> pd.DataFrame:
-    """Fold `targets` in token-budget batches; write one PDB per chain and predictions.csv."""
+                    progress: bool = True, precision: str = "fp32") -> pd.DataFrame:
+    """Fold `targets` in token-budget batches; write one PDB per chain and predictions.csv.
+
+    chunk_size: None = the model config's `trunk.chunk_size` if set, else `default_chunk_size` of each batch;
+    precision / num_recycles: see `fold`.
+    """
     from rich.progress import Progress
 
+    check_fold_options(chunk_size, num_recycles, precision, max_tokens)
+    # A chunk size in the model's own config (model.size.trunk.chunk_size, config.json) is the model's default.
+    esmfold_config = getattr(model.config, "esmfold_config", None)
+    configured = getattr(getattr(esmfold_config, "trunk", None), "chunk_size", None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if chunk_size is not None:
-        model.trunk.set_chunk_size(chunk_size)
     rows: dict[str, dict] = {}
     batches = batches_by_tokens([t.length for t in targets], max_tokens)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("fold", total=len(targets))
         for batch in batches:
-            folded = fold(model, [targets[i] for i in batch], num_recycles=num_recycles)
+            members = [targets[i] for i in batch]
+            chunk = chunk_size if chunk_size is not None else (
+                configured or default_chunk_size([t.length for t in members]))
+            model.trunk.set_chunk_size(chunk)  # set every batch: the model may be shared between calls
+            folded = fold(model, members, num_recycles=num_recycles, precision=precision)
             for i, (chain, ptm) in zip(batch, folded):
                 rows[targets[i].chain_id] = _write_one(out_dir, targets[i], chain, ptm)
             bar.advance(task, len(batch))

@@ -569,6 +569,7 @@ class ReportOptions:
     gain_split: str | None = None
     main_split: str | None = None
     max_target_rows: int = 200
+    kind: str | None = None  # "fold" or "lm" (the workflow config's training.kind); None: from RESULTS' layout
 
 
 def _split_order(splits) -> list[str]:
@@ -585,6 +586,11 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
     matplotlib.use("Agg")
     options = options or ReportOptions()
     results, out = Path(results), Path(out)
+    kind = options.kind or ("lm" if (results / "contacts").is_dir() and not (results / "scores").is_dir() else "fold")
+    if kind == "lm":  # language models: contact precision instead of structure scores
+        from pipeline.report_lm import build_lm_report
+
+        return build_lm_report(results, out, options, runs, groups)
     run_table = load_runs(results, runs, groups)
     scores = load_scores(results, run_table)
     per_target = per_target_table(scores)
@@ -701,4 +707,6 @@ def options_from_config(config_path: str | Path | None) -> ReportOptions:
     unknown = set(section) - known
     if unknown:
         raise ValueError(f"{path}: report.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})")
-    return ReportOptions(**{k: v for k, v in section.items() if v is not None})
+    training = config.get("training")
+    kind = training.get("kind", "fold") if isinstance(training, dict) else None
+    return ReportOptions(**{k: v for k, v in section.items() if v is not None}, kind=kind)

@@ -471,17 +471,35 @@ class FoldingTask(_Task):
     """Structure fine-tuning: `folding_loss` on cropped chains with sampled recycles; validation
     TM-score and CA-lDDT of the final structure on held-out chains."""
 
-    def compute_loss(self, batch: dict, num_recycles: int) -> tuple[torch.Tensor, dict, Any]:
-        from pipeline.losses import folding_loss
+    clamp_fape = True  # FAPE clamped at 10 Å in the next compute_loss; training_step draws it per batch
+
+    def compute_loss(self, batch: dict, num_recycles: int,
+                     clamp_fape: bool | None = None) -> tuple[torch.Tensor, dict, Any]:
+        """`folding_loss` (fp32 whatever the precision) of one forward; `clamp_fape` (default: the attribute, which
+        training_step sets per batch): FAPE clamped at 10 Å."""
+        from pipeline.losses import DEFAULT_WEIGHTS, folding_loss
+
+        if clamp_fape is None:
+            clamp_fape = self.clamp_fape
 
         outputs = self.model(batch["aatype"], attention_mask=batch["mask"].long(),
                              position_ids=batch["residue_index"], num_recycles=num_recycles)
-        total, terms = folding_loss(outputs, batch, self.cfg["loss"])
+        loss_cfg = self.cfg["loss"]
+        window = loss_cfg.get("plddt_resolution")
+        total, terms = folding_loss(outputs, batch, {k: v for k, v in loss_cfg.items() if k in DEFAULT_WEIGHTS},
+                                    fape_clamp_distance=10.0 if clamp_fape else None,
+                                    plddt_resolution_range=None if window is None else tuple(window))
         return total, terms, outputs
+
+    def fape_clamped(self) -> bool:
+        """Whether the coming training batch clamps FAPE (AF2: 90 % of batches, `loss.fape_clamp_fraction`), drawn
+        from (seed, global batch) like the recycles, so a resumed run and any rank count draw alike."""
+        return bool(self.step_rng(3).random() < self.cfg["loss"].get("fape_clamp_fraction", 1.0))
 
     def training_step(self, batch: dict, batch_idx: int):
         low, high = self.cfg["trainer"]["recycles"]
         recycles = int(self.step_rng(1).integers(low, high + 1))
+        self.clamp_fape = self.fape_clamped()
         self.begin_step()
         self.batches_seen += 1
         total, terms, _ = self.compute_loss(batch, recycles)
@@ -497,6 +515,7 @@ class FoldingTask(_Task):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         high = self.cfg["trainer"]["recycles"][1]
+        self.clamp_fape = True  # validation: always the clamped FAPE (comparable between steps)
         total, _, outputs = self.compute_loss(batch, high)
         quality = structure_quality(outputs.positions[-1][..., _CA, :], batch)
         self.val_records.append({"chains": list(batch["chain_id"]), "loss": float(total.float()),
@@ -555,9 +574,11 @@ class LMTask(_Task):
         generator = torch.Generator().manual_seed(self.cfg["trainer"]["seed"] * 1000003 + chains_key)
         masked, targets = mask_tokens(batch["tokens"], generator)
         loss, count = masked_lm_loss(self.model(masked)["logits"], targets)
-        contacts = self.model(batch["tokens"], return_contacts=True)["contacts"]
         per_chain: dict[str, list[float]] = {"val_contact_p_at_l": [], "val_contact_p_at_l5": []}
-        for row, chain_id in enumerate(batch["chain_id"]):
+        # Without the release's contact regression the contact head is random: no contact metrics then.
+        with_contacts = getattr(self.model, "has_contact_regression", False)
+        contacts = self.model(batch["tokens"], return_contacts=True)["contacts"] if with_contacts else None
+        for row, chain_id in enumerate(batch["chain_id"] if with_contacts else []):
             chain = self.val_chains.get(chain_id)
             if chain is None:
                 continue
@@ -565,7 +586,8 @@ class LMTask(_Task):
             native, present = contact_map(chain)
             if native.shape[0] != length:
                 continue
-            precision = contact_precision(contacts[row, :length, :length], native, present)
+            precision = contact_precision(contacts[row, :length, :length], native, present,
+                                          residue_index=chain.residue_index)
             if not math.isnan(precision["P@L"]):
                 per_chain["val_contact_p_at_l"].append(precision["P@L"])
                 per_chain["val_contact_p_at_l5"].append(precision["P@L/5"])
@@ -573,8 +595,8 @@ class LMTask(_Task):
                                  "count": int(count), "per_chain": per_chain})
 
     def val_metrics(self, records: list[dict]) -> dict[str, float]:
-        """val_nll: mean over all masked tokens; perplexity = exp(val_nll); contact precision: mean over the
-        chains that have long-range contacts."""
+        """val_nll: mean over all masked tokens; perplexity = exp(val_nll); long-range contact precision: mean
+        over the chains with long-range pairs (only with the release's contact regression loaded)."""
         count = sum(r["count"] for r in records)
         nll = sum(r["nll_sum"] for r in records) / max(count, 1)
         metrics = {"val_nll": nll, "val_perplexity": math.exp(nll)}

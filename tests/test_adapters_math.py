@@ -80,10 +80,10 @@ def test_counts_on_esmfold_v1_trunk_and_attach_on_meta_agrees():
     model = build_meta_model("esmfold_v1")
     r = 4
     counts = adapters.count_for(model, cfg("lorta", r, ("attn",), part="trunk"), per_stack=True)
-    assert counts == {"trunk_seq": 1140 * r, "trunk_pair": lorta_formula(128, 4, 48, 8, r)}
+    assert counts == {"trunk_seq": 1140 * r, "trunk_pair": lorta_formula(128, 4, 48, 8, r), "sm": 0}
     counts = adapters.count_for(model, cfg("lora", r, ("qv",), part="trunk"), per_stack=True)
     # fused proj: only the q and v rows (2*1024) are adapted; pair: start/end q and v
-    assert counts == {"trunk_seq": 48 * r * (1024 + 2048), "trunk_pair": 48 * 4 * r * (128 + 128)}
+    assert counts == {"trunk_seq": 48 * r * (1024 + 2048), "trunk_pair": 48 * 4 * r * (128 + 128), "sm": 0}
     stem_full = sum(p.numel() for n, p in model.named_parameters() if n.startswith("esm."))
     full_trunk = adapters.count_for(model, adapters.config_from_dict({"method": "full", "part": "trunk"}))
     assert full_trunk == adapters.count_total(model) - stem_full
@@ -94,11 +94,47 @@ def test_counts_on_esmfold_v1_trunk_and_attach_on_meta_agrees():
     assert all(p.is_meta for p in model.parameters())
 
 
+@pytest.mark.parametrize("rank", [1, 4])
+def test_structure_module_target_counts_on_esmfold_v1(rank):
+    """Target `sm`: the structure module's 4 square 384 x 384 Linears (linear_in, transition linear_1..3),
+    one layer (weights shared by its 8 iterations), the IPA's 12 heads (d_h 32) for LoRTA."""
+    model = build_meta_model("esmfold_v1")
+    sm = model.trunk.structure_module
+    assert len(sm.transition.layers) == 1
+    assert [tuple(m.weight.shape) for m in (sm.linear_in, *(getattr(sm.transition.layers[0], f"linear_{j}") for j in (1, 2, 3)))] == [(384, 384)] * 4
+    count = {m: adapters.count_for(model, cfg(m, rank, ("sm",), part="trunk"), per_stack=True) for m in RANK_METHODS}
+    assert count["lora"] == {"trunk_seq": 0, "trunk_pair": 0, "sm": 4 * rank * (384 + 384)}
+    assert count["lorta"]["sm"] == lorta_formula(384, 12, 1, 4, rank) == rank * (384 + 32 + 12 + 1 + 4)
+    assert count["tlora"]["sm"] == 4 * (rank ** 2 + 1)
+    with pytest.raises(ValueError, match="part"):
+        adapters.count_for(model, cfg("lora", rank, ("sm",), part="banana"))
+
+
+def test_structure_module_target_changes_the_fold_and_merges_exactly():
+    """sm adapters act on the final structure (not on the trunk outputs); merge/unmerge through the full fold."""
+    model = tiny_esmfold()
+    before = fold(model)
+    trunk_before = stem_and_trunk(model)
+    adapters.attach(model, cfg("lora", 2, ("sm",), part="trunk"))
+    randomize_adapters(model)
+    for a, b in zip(stem_and_trunk(model), trunk_before):
+        assert torch.equal(a, b)  # nothing before the structure module moved
+    unmerged = fold(model)
+    assert (unmerged[0] - before[0]).abs().max() > 1e-3
+    adapters.merge(model)
+    merged = fold(model)
+    adapters.unmerge(model)
+    restored = fold(model)
+    for a, b, c in zip(unmerged, merged, restored):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", RANK_METHODS + ("full", "none"))
 @pytest.mark.parametrize("part", ["stem", "trunk", "all"])
 def test_count_for_equals_attached_count_on_tiny_esmfold(method, part):
     model = build_meta_model("tiny_esmfold")
-    config = cfg(method, 3, ("attn", "mlp", "trimul"), part=part) if method in RANK_METHODS else \
+    config = cfg(method, 3, ("attn", "mlp", "trimul", "sm"), part=part) if method in RANK_METHODS else \
         adapters.config_from_dict({"method": method, "part": part})
     predicted = adapters.count_for(model, config)
     adapters.attach(model, config)

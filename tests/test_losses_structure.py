@@ -204,10 +204,10 @@ def test_plddt_target_bins_by_hand():
     part = torch.tensor([[1.0, 1.0, 0.0]])
     top = torch.nn.functional.one_hot(torch.tensor([[49, 49, 0]]), 50).float() * 100.0
     assert losses.plddt_loss(top, pred_ca, true_ca, part).item() < 1e-6
-    # With no pair inside the 15 Å inclusion radius a residue's target is bin 0.
+    # With no pair inside the 15 Å inclusion radius a residue's target is lDDT 1 (top bin), as in AF2/openfold.
     spread = true_ca * 10
-    bottom = torch.nn.functional.one_hot(torch.zeros(1, 3, dtype=torch.long), 50).float() * 100.0
-    assert losses.plddt_loss(bottom, spread, spread, mask).item() < 1e-6
+    top = torch.nn.functional.one_hot(torch.full((1, 3), 49), 50).float() * 100.0
+    assert losses.plddt_loss(top, spread + 5.0 * torch.rand(1, 3, 3), spread, mask).item() < 1e-6
 
 
 def test_chi_loss_by_hand_and_pi_periodic_chis():

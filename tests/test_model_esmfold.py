@@ -165,6 +165,22 @@ def test_frozen_stem_runs_without_graph_and_heads_are_selected():
     assert not any(n.startswith("trunk.blocks.") for n in heads)
 
 
+@pytest.mark.parametrize("train_heads", [False, True])
+def test_structure_module_adapters_count_as_the_adapters_not_the_head(train_heads):
+    """Target sm puts adapter parameters inside trunk.structure_module: they are the method's own."""
+    from pipeline.train import trainable_head_params
+
+    model = build_folding_model({"source": "random"})
+    attach_method(model, {"method": "lora", "rank": 2, "targets": ["sm"], "part": "trunk"}, train_heads=train_heads)
+    own = adapters.adapter_parameter_names(model)
+    assert own and all(n.startswith("trunk.structure_module.") for n in own)
+    assert not set(own) & set(head_parameters(model))
+    sm_width = model.trunk.structure_module.linear_in.in_features
+    assert sum(dict(model.named_parameters())[n].numel() for n in own) == 4 * 2 * 2 * sm_width
+    heads = sum(p.numel() for p in head_parameters(model).values())
+    assert trainable_head_params(model) == (heads if train_heads else 0)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     grads = []
     for enabled in (False, True):

@@ -40,12 +40,21 @@ def test_defaults_sections_and_overrides(tmp_path):
     ({}, ["model.source=esm2_stem"], "model.esm2: source esm2_stem needs"),
     ({}, ["loss.fape=1"], "loss.fape: unknown key"),
     ({}, ["kind=lm"], "adapter.part: a language model has no trunk"),
+    ({}, ["kind=lm", "adapter.part=stem", "adapter.targets=[attn, sm]"], "adapter.targets: sm is in ESMFold's trunk"),
+    ({}, ["adapter.part=stem", "adapter.targets=[trimul]"], "adapter.targets: trimul is in ESMFold's trunk"),
     ({"model": 3}, [], "model: expected a mapping"),
     ({}, ["adapter.rank"], "adapter.rank: override must look like key=value"),
 ])
 def test_invalid_configs_name_the_key(tmp_path, data, overrides, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
         load_config(_write(tmp_path, data), overrides=overrides)
+
+
+def test_config_targets_are_the_adapter_targets():
+    from adapters.spec import TARGET_ROLES
+    from pipeline.config import TARGETS
+
+    assert set(TARGETS) == set(TARGET_ROLES)
 
 
 def test_missing_section_and_file(tmp_path):

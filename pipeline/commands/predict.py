@@ -31,8 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --dataset: fold each chain's deposited sequence (default) or only its observed "
                              "residues (author numbers as position ids, the behaviour before full-length chains)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch (B x Lmax)")
-    parser.add_argument("--chunk-size", type=int, help="chunk the trunk's axial attention (long chains)")
-    parser.add_argument("--num-recycles", type=int, help="default: the model's max_recycles")
+    parser.add_argument("--chunk-size", type=int,
+                        help="rows per chunk of the trunk's axial attention (memory ~O(L)); default 128 for batches "
+                             "with a chain longer than 512 residues, else none")
+    parser.add_argument("--num-recycles", type=int,
+                        help="n recycles = n + 1 trunk passes; default as upstream ESMFold: max_recycles passes")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: stem, trunk and heads under bf16 autocast, the structure module in fp32")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -53,16 +58,13 @@ def run_out_dirs(runs: list[str], out: str) -> list[str]:
     return outs
 
 
-def argument_error(args: argparse.Namespace) -> str | None:
-    """The first bad argument, as `--name value: why`, or None (checked before any file is read)."""
+def device_error(args: argparse.Namespace) -> str | None:
+    """Why `--device` cannot be used here, as `--device value: why`, or None (checked before any file is read;
+    the other options: `predict.check_fold_options`)."""
     import re
 
     import torch
 
-    for name, value, minimum in (("--max-tokens", args.max_tokens, 1), ("--chunk-size", args.chunk_size, 1),
-                                 ("--num-recycles", args.num_recycles, 0)):
-        if value is not None and value < minimum:
-            return f"{name} {value}: must be >= {minimum}"
     device = args.device
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
     if device not in ("auto", "cpu") and not match:
@@ -85,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline import predict
 
-    problem = argument_error(args)
+    problem = device_error(args)
     if problem:
         print(f"foldtune predict: {problem}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
+        predict.check_fold_options(args.chunk_size, args.num_recycles, args.precision, args.max_tokens)
         if args.dataset:
             targets = predict.targets_from_dataset(args.dataset, args.splits, args.split)
             targets = predict.select_sequence(targets, args.sequence)
@@ -109,16 +112,20 @@ def run(args: argparse.Namespace) -> int:
                 tables = predict.predict_runs(args.run, targets, outs, device=device, merged=args.merged,
                                               force=args.force, max_tokens=args.max_tokens,
                                               chunk_size=args.chunk_size, num_recycles=args.num_recycles,
-                                              progress=not args.no_progress)
+                                              precision=args.precision, progress=not args.no_progress)
                 table = pd.concat(tables, ignore_index=True)
             else:
                 from pipeline.config import load_config
 
-                model = predict.load_base_model(load_config(args.base_config, section=args.section)).eval()
+                cfg = load_config(args.base_config, section=args.section)
+                model = predict.load_base_model(cfg).eval()
                 model.to(device)
+                warning = predict.recycles_warning(cfg, model, args.num_recycles, args.base_config, trained=False)
+                if warning:
+                    print(warning, file=sys.stderr)
                 table = predict.predict_targets(model, targets, args.out, max_tokens=args.max_tokens,
                                                 chunk_size=args.chunk_size, num_recycles=args.num_recycles,
-                                                progress=not args.no_progress)
+                                                precision=args.precision, progress=not args.no_progress)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"foldtune predict: {exc}", file=sys.stderr)
         return 2

@@ -41,11 +41,15 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from pipeline.report import display_table
+    from pipeline.report_lm import display_lm_table
 
     summary = pd.read_csv(written["summary"], dtype={"group": str, "targets": str, "part": str}).fillna(
         {"targets": "", "part": "", "group": ""})
-    split = options.main_split or options.gain_split or summary.split.iloc[0]
-    print(display_table(summary, split, summary[summary.split == split].tm_gain.notna().any()).to_string(index=False))
+    if "contacts_plot" in written:  # a language-model report
+        print(display_lm_table(summary, options.main_split or summary.split.iloc[0]).to_string(index=False))
+    else:
+        split = options.main_split or options.gain_split or summary.split.iloc[0]
+        print(display_table(summary, split, summary[summary.split == split].tm_gain.notna().any()).to_string(index=False))
     print(f"report: {written['html']} and {written['md']} ({len(written) - 2} files besides); "
           f"{time.perf_counter() - started:.1f} s")
     return 0

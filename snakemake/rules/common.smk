@@ -39,10 +39,13 @@ except Exception as exc:  # snakemake wraps the jsonschema error in its Workflow
     raise WorkflowError(_schema_message(errors[0])) from None
 
 
-if (config["training"] or {}).get("kind", "fold") != "fold":
-    raise WorkflowError(f"{_config_source()}: training.kind: {config['training']['kind']!r} is not supported by the "
-                        "workflow (it predicts and scores structures); train language models with "
-                        "`foldtune train --config FILE --section training` (see configs/esm2_lm.yaml)")
+# fold: predict -> score structures (rules/evaluate.smk); lm: contact precision of each run (rules/lm.smk).
+KIND = (config["training"] or {}).get("kind", "fold")
+if KIND not in ("fold", "lm"):
+    raise WorkflowError(f"{_config_source()}: training.kind: {KIND!r}: expected fold or lm")
+if KIND == "lm" and (config.get("base_training") or config.get("base_run")):
+    raise WorkflowError(f"{_config_source()}: base_training / base_run: only for folding models (training.kind "
+                        "lm starts from model.esm2)")
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -97,6 +100,7 @@ def _grid_groups() -> list:
     grid = config["grid"]
     shared = {key: grid.get(key) for key in ("ranks", "seeds", "targets", "part", "budget", "per_method")}
     shared["per_method"] = shared["per_method"] or {}
+    shared["part"] = shared["part"] or (["stem"] if KIND == "lm" else ["trunk"])  # a language model has no trunk
     groups = [{**shared, "name": "", "label": grid.get("label") or "", "methods": list(grid["methods"]),
                "training": dict(grid.get("training") or {})}]
     names = {""}
@@ -218,7 +222,8 @@ GROUPS_FILE = f"{EXP}/groups.json"
 _write_if_changed(GROUPS_FILE, json.dumps({name: {"group": run["group"], "label": run["label"]}
                                            for name, run in RUNS.items()}, indent=2) + "\n")
 EVAL_SPLITS = list(config["evaluate"]["splits"])
-BASELINE_NAMES = [BASELINES[b] for b in config["evaluate"]["baselines"]]
+# Structure baselines (ideal helix) have no contacts: a language-model experiment has none.
+BASELINE_NAMES = [BASELINES[b] for b in config["evaluate"]["baselines"]] if KIND == "fold" else []
 SCORED = list(RUNS) + BASELINE_NAMES
 
 
@@ -403,7 +408,9 @@ def score_input(wildcards) -> str:
 
 
 def all_scores() -> list:
-    return [f"{EXP}/scores/{name}/{split}.csv" for name in SCORED for split in EVAL_SPLITS]
+    """What the report reads: score tables of structures, or contact tables of language models."""
+    table = "scores" if KIND == "fold" else "contacts"
+    return [f"{EXP}/{table}/{name}/{split}.csv" for name in SCORED for split in EVAL_SPLITS]
 
 
 def all_summaries() -> list:
