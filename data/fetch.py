@@ -41,6 +41,15 @@ _STRUCTURE_SUFFIX = re.compile(r"\.(cif|mmcif|pdb|ent)(\.gz)?$", re.I)
 _ID_CHAIN = re.compile(r"^(\d[A-Za-z0-9]{3})[_.:]([A-Za-z0-9]{1,4})$")
 
 
+class FetchInterrupted(Exception):
+    """Ctrl-C during `fetch`: the report was written for the ids that finished (the rest: failed,
+    "interrupted"); ``frame`` is that report."""
+
+    def __init__(self, frame: pd.DataFrame, report: Path):
+        super().__init__(f"interrupted; {report} lists the ids that finished")
+        self.frame, self.report = frame, report
+
+
 class FetchError(Exception):
     """One attempt failed. ``retry`` says whether another attempt may help."""
 
@@ -57,6 +66,7 @@ class FetchConfig:
     entry_url: str = ENTRY_URL
     search_url: str = SEARCH_URL
     timeout: float = 30.0  # seconds per socket operation
+    attempt_timeout: float | None = 300.0  # seconds per attempt in all: a server dripping bytes cannot stall a run
     retries: int = 3  # extra attempts after the first
     backoff: float = 1.0  # seconds; attempt k waits backoff * 2**(k-1)
     offline: bool = False
@@ -116,11 +126,30 @@ def _open(url: str, timeout: float, data: bytes | None = None, headers: dict | N
     return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
 
 
-def http_get(url: str, timeout: float, data: bytes | None = None, headers: dict | None = None) -> bytes:
-    """Body of one request; raises ``FetchError`` classified for retry / unreachable network."""
+def _read_body(response, url: str, deadline: float | None) -> bytes:
+    """The response body, read in blocks so that the attempt's `deadline` (time.monotonic) holds even when
+    every single read is within the socket timeout (a server sending a byte at a time)."""
+    if deadline is None:
+        return response.read()
+    blocks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise FetchError(f"stalled: the attempt's time limit passed after {sum(map(len, blocks))} bytes",
+                             retry=True)
+        block = response.read1(1 << 16) if hasattr(response, "read1") else response.read(1 << 16)
+        if not block:
+            return b"".join(blocks)
+        blocks.append(block)
+
+
+def http_get(url: str, timeout: float, data: bytes | None = None, headers: dict | None = None,
+             attempt_timeout: float | None = None) -> bytes:
+    """Body of one request; raises ``FetchError`` classified for retry / unreachable network.
+    `timeout` bounds each socket operation, `attempt_timeout` the whole request (None: no limit)."""
+    deadline = time.monotonic() + attempt_timeout if attempt_timeout else None
     try:
         with _open(url, timeout, data, headers) as response:
-            body = response.read()
+            body = _read_body(response, url, deadline)
             expected = response.headers.get("Content-Length")
             if expected is not None and expected.isdigit() and len(body) < int(expected):
                 raise FetchError(f"truncated body ({len(body)} of {expected} bytes)", retry=True)
@@ -193,6 +222,32 @@ def validate_mmcif(payload: bytes, require_terminator: bool = True) -> str:
     return text
 
 
+_ENTRY_ID = re.compile(r"^_entry\.id[ \t]+['\"]?([^\s'\"]+)", re.M)
+_PDB_HEADER = re.compile(r"^HEADER.{56}(\d[A-Za-z0-9]{3})", re.M)
+
+
+def entry_id(text: str) -> str | None:
+    """The PDB id a structure file says it is: mmCIF `_entry.id`, else a PDB file's HEADER idCode; None when
+    the file does not say (upper case)."""
+    match = _ENTRY_ID.search(text[:200_000]) or _PDB_HEADER.search(text[:2000])
+    return match.group(1).upper() if match else None
+
+
+def check_entry(text: str, pdb_id: str) -> None:
+    """ValueError when the file names another entry than the requested one (a mirror or proxy serving the
+    wrong file would otherwise be cached, and its chains named, under the requested id)."""
+    found = entry_id(text)
+    if found is not None and found != pdb_id.upper():
+        raise ValueError(f"body: entry {found} (_entry.id), not the requested {pdb_id.upper()}")
+
+
+def _file_text(path: Path) -> str:
+    payload = path.read_bytes()
+    if payload[:2] == b"\x1f\x8b":
+        payload = gzip.decompress(payload)
+    return payload.decode("utf-8", errors="replace")
+
+
 # ------------------------------------------------------------------------------------------- fetcher
 class Fetcher:
     """Fetch targets into ``config.cache`` (``<id>.cif.gz``) and link/copy them into ``config.out``."""
@@ -212,9 +267,9 @@ class Fetcher:
         if not path.is_file():
             return None
         try:
-            validate_mmcif(path.read_bytes())
+            check_entry(validate_mmcif(path.read_bytes()), pdb_id)
         except ValueError:
-            return None  # a corrupt cache entry is downloaded again (and replaced atomically)
+            return None  # a corrupt or wrong cache entry is downloaded again (and replaced atomically)
         return path
 
     def _local(self, target_id: str) -> Path | None:
@@ -241,7 +296,7 @@ class Fetcher:
                 time.sleep(self.config.backoff * 2 ** (attempt - 1))
             self.requests += 1
             try:
-                body = http_get(url, self.config.timeout, data, headers)
+                body = http_get(url, self.config.timeout, data, headers, self.config.attempt_timeout)
                 if validate is not None:
                     validate(body)
                 return body
@@ -291,11 +346,22 @@ class Fetcher:
         if max_results:
             options = query.setdefault("request_options", {})
             options.setdefault("paginate", {"start": 0, "rows": int(max_results)})
-        body = self._request(self.config.search_url, data=json.dumps(query).encode(),
-                             headers={"Content-Type": "application/json"}, validate=json.loads)
-        results = json.loads(body).get("result_set", []) if body.strip() else []
+        url = self.config.search_url
+        try:
+            body = self._request(url, data=json.dumps(query).encode(), headers={"Content-Type": "application/json"},
+                                 validate=json.loads)
+        except FetchError as exc:
+            raise FetchError(f"search {url}: {exc}", retry=False, unreachable=exc.unreachable) from None
+        answer = json.loads(body) if body.strip() else {}
+        if not isinstance(answer, dict):
+            raise ValueError(f"search {url}: expected a JSON object with result_set, got {type(answer).__name__}")
+        results = answer.get("result_set") or []
+        if not isinstance(results, list):
+            raise ValueError(f"search {url}: result_set: expected a list, got {type(results).__name__}")
         targets = []
-        for item in results[: max_results or None]:
+        for index, item in enumerate(results[: max_results or None]):
+            if isinstance(item, dict) and not isinstance(item.get("identifier"), str):
+                raise ValueError(f"search {url}: result_set[{index}]: no `identifier` (got keys {sorted(item)})")
             identifier = item["identifier"] if isinstance(item, dict) else str(item)
             entry, _, chain = identifier.partition(".")
             targets.append(Target(entry.split("_")[0].upper(), chain))
@@ -304,7 +370,8 @@ class Fetcher:
     # -- one target
     def _download(self, pdb_id: str) -> Path:
         url = f"{self.config.files_url.rstrip('/')}/{pdb_id.upper()}.cif"
-        body = self._request(url, headers={"Accept-Encoding": "gzip"}, validate=validate_mmcif)
+        body = self._request(url, headers={"Accept-Encoding": "gzip"},
+                             validate=lambda payload: check_entry(validate_mmcif(payload), pdb_id))
         payload = body if body[:2] == b"\x1f\x8b" else gzip.compress(body, mtime=0)
         path = self.cache_path(pdb_id)
         atomic_write_bytes(path, payload)
@@ -332,7 +399,11 @@ class Fetcher:
             if is_pdb_id and not self.offline and self._needs_metadata():
                 if target.id not in metadata_checked:
                     try:
-                        metadata_checked[target.id] = self.filter_reason(self.entry_metadata(target.id))
+                        metadata = self.entry_metadata(target.id)
+                        try:
+                            metadata_checked[target.id] = self.filter_reason(metadata)
+                        except (AttributeError, TypeError, ValueError, IndexError) as exc:
+                            raise FetchError(f"malformed: {type(exc).__name__}: {exc}", retry=False) from None
                     except FetchError as exc:
                         if exc.unreachable:
                             raise
@@ -362,6 +433,16 @@ class Fetcher:
             mode = f"offline ({self.offline_reason})" if self.offline else "not a PDB id"
             row["reason"] = f"{target.id}: not in {where}; {mode}"
             return row
+        if status == "local":
+            try:
+                text = _file_text(source)
+                if text.lstrip().startswith("data_"):  # an mmCIF: complete, as a download must be
+                    validate_mmcif(text.encode("utf-8"))
+                if is_pdb_id:
+                    check_entry(text, target.id)
+            except (ValueError, OSError, EOFError, zlib.error) as exc:
+                row["reason"] = f"{target.id}: {source}: {str(exc).removeprefix('body: ')}"
+                return row
         row.update(status=status, path=str(self._place(source)))
         return row
 
@@ -374,29 +455,44 @@ class Fetcher:
 
         rows, fetched = [], {}
         metadata_checked: dict[str, str | None] = {}
+        self.interrupted = False
         with Progress(disable=not self.config.progress, transient=True) as bar:
             task = bar.add_task("fetch", total=len(targets))
-            for target in targets:
-                key = target.id
-                if key in fetched:  # another chain of an id already handled: same file, no second request
-                    rows.append({**fetched[key], "chain": target.chain})
-                else:
-                    try:
-                        row = self.fetch_one(target, metadata_checked)
-                    except Exception as exc:  # a bug or odd error for one id must not lose the others
-                        row = {"id": target.id, "chain": target.chain, "status": "failed", "path": "",
-                               "reason": f"{target.id}: {type(exc).__name__}: {exc}"}
-                    fetched[key] = row
-                    rows.append(row)
-                bar.advance(task)
+            try:
+                self._run_targets(targets, rows, fetched, metadata_checked, bar, task)
+            except KeyboardInterrupt:  # Ctrl-C: report what finished; the rest are marked, not lost
+                self.interrupted = True
+                for target in targets[len(rows):]:
+                    rows.append({"id": target.id, "chain": target.chain, "status": "failed", "path": "",
+                                 "reason": f"{target.id}: interrupted (Ctrl-C) before it finished"})
         return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+
+    def _run_targets(self, targets: Sequence[Target], rows: list, fetched: dict, metadata_checked: dict, bar,
+                     task) -> None:
+        """Fetch `targets` in order, appending one report row each to `rows` (so an interrupt keeps them)."""
+        for target in targets:
+            key = target.id
+            if key in fetched:  # another chain of an id already handled: same file, no second request
+                rows.append({**fetched[key], "chain": target.chain})
+            else:
+                try:
+                    row = self.fetch_one(target, metadata_checked)
+                except Exception as exc:  # a bug or odd error for one id must not lose the others
+                    row = {"id": target.id, "chain": target.chain, "status": "failed", "path": "",
+                           "reason": f"{target.id}: {type(exc).__name__}: {exc}"}
+                fetched[key] = row
+                rows.append(row)
+            bar.advance(task)
 
 
 def fetch(targets: Iterable[Target], config: FetchConfig, report: str | os.PathLike | None = None) -> pd.DataFrame:
     """Fetch every target and write ``fetch_report.csv`` (atomically) to ``report`` (default: out or cache dir)."""
     targets = list(targets)
-    frame = Fetcher(config).run(targets)
+    fetcher = Fetcher(config)
+    frame = fetcher.run(targets)
     report = Path(report) if report else Path(config.out or config.cache) / "fetch_report.csv"
     with atomic_path(report) as tmp:
         frame.to_csv(tmp, index=False)
+    if fetcher.interrupted:
+        raise FetchInterrupted(frame, report)
     return frame

@@ -43,11 +43,48 @@ class ChainFilters:
         return None
 
 
+def nonfinite_atoms(chain: ProteinChain) -> tuple["np.ndarray", list[str]]:
+    """(bad (N, 37) bool: present atoms whose coordinates are NaN or ±inf, one line per residue holding one,
+    e.g. ``residue 5 LEU: CA, CB`` in author numbering + insertion code)."""
+    import numpy as np
+
+    from data.residue_constants import atom_types, restype_1to3
+
+    bad = (np.asarray(chain.atom37_mask) > 0) & ~np.isfinite(np.asarray(chain.atom37_positions)).all(axis=-1)
+    lines = []
+    for index in np.flatnonzero(bad.any(axis=-1)):
+        number = f"{int(chain.author_number[index])}{str(chain.insertion_code[index]).strip()}"
+        name = restype_1to3.get(chain.sequence[index], "UNK")
+        atoms = ", ".join(atom_types[a] for a in np.flatnonzero(bad[index]))
+        lines.append(f"residue {number} {name}: {atoms}")
+    return bad, lines
+
+
+def mask_nonfinite_atoms(chain: ProteinChain) -> list[str]:
+    """Mask (in place) the atoms of ``chain`` whose coordinates are NaN or ±inf: atom37_mask 0 and position 0,
+    and a position whose CA is masked is no longer observed. Returns `nonfinite_atoms`' lines (for
+    errors.csv)."""
+    import numpy as np
+
+    from data.residue_constants import atom_types
+
+    bad, lines = nonfinite_atoms(chain)
+    if not lines:
+        return []
+    positions = np.asarray(chain.atom37_positions)
+    chain.atom37_positions = np.where(bad[..., None], np.float32(0.0), positions).astype(np.float32)
+    chain.atom37_mask = np.where(bad, np.float32(0.0), chain.atom37_mask).astype(np.float32)
+    ca = atom_types.index("CA")
+    chain.observed = np.asarray(chain.observed, dtype=bool) & (chain.atom37_mask[:, ca] > 0)
+    return lines
+
+
 @dataclass
 class PrepareSummary:
     chains_written: int = 0
     chains_rejected: int = 0
     chains_unreconciled: int = 0  # written with observed residues only: deposited sequence did not match
+    atoms_masked: int = 0  # atoms with NaN / inf coordinates, masked (named in errors.csv, stage "coordinates")
     files_read: int = 0
     files_rejected: int = 0
     seconds: float = 0.0
@@ -56,7 +93,26 @@ class PrepareSummary:
     def line(self) -> str:
         return (f"prepare: {self.chains_written} chains written from {self.files_read} files; "
                 f"{self.files_rejected} files rejected, {self.chains_rejected} chains filtered, "
-                f"{self.chains_unreconciled} with an unreconciled deposited sequence (observed residues only); {self.seconds:.1f} s")
+                f"{self.chains_unreconciled} with an unreconciled deposited sequence (observed residues only); "
+                + (f"{self.atoms_masked} atoms with non-finite coordinates masked; " if self.atoms_masked else "")
+                + f"{self.seconds:.1f} s")
+
+
+def check_mmcif_complete(path: Path, require_terminator: bool = True) -> None:
+    """ValueError naming ``path`` when it is an mmCIF cut short: in the middle of an _atom_site row, or (with
+    `require_terminator`) at a line boundary, its _atom_site loop not closed by ``#`` or another item before
+    the end of the file, as fetch checks downloads; Biopython would read that as a shorter chain. PDB files
+    are checked by ``data.structure``."""
+    from data.fetch import validate_mmcif
+    from data.structure import detect_format, read_text
+
+    text = read_text(path)
+    if detect_format(text) != "mmcif" or not text.lstrip().startswith("data_"):
+        return
+    try:
+        validate_mmcif(text.encode("utf-8"), require_terminator=require_terminator)
+    except ValueError as exc:
+        raise ValueError(f"{path}: mmCIF: {str(exc).removeprefix('body: ')}") from None
 
 
 def is_structure_name(path: Path) -> bool:
@@ -84,20 +140,59 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+# fetch_report.csv statuses whose file this fetch delivered (the others: failed, filtered).
+DELIVERED = ("downloaded", "cached", "local")
+
+
+def read_fetch_report(path: str | os.PathLike) -> list[Path]:
+    """The structure files a `foldtune fetch` delivered, per its ``fetch_report.csv`` (rows whose status is
+    one of `DELIVERED`), in report order without repeats. A file named by the report is looked up beside the
+    report first (its --out directory), then at the path as written. Files in that directory the report does
+    not list (an earlier fetch's, or ids now filtered) are not returned: the dataset is exactly this fetch."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: fetch report: not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: fetch report: not a CSV ({exc})") from None
+    if not {"status", "path"} <= set(frame.columns):
+        raise ValueError(f"{path}: columns: need status,path (a foldtune fetch report; got {list(frame.columns)})")
+    files: list[Path] = []
+    for row in frame.itertuples():
+        if row.status not in DELIVERED or not row.path:
+            continue
+        beside = path.parent / Path(row.path).name
+        file = beside if beside.is_file() else Path(row.path)
+        if file not in files:
+            files.append(file)
+    return files
+
+
 def _file_keys(path: Path) -> set[str]:
     name = path.name
     keys = {name, name[:-3] if name.endswith(".gz") else name}
     return keys | {k.rsplit(".", 1)[0] for k in list(keys)}
 
 
+class ChainSelection(dict):
+    """{file name key: chains} of a chains file, and `files`: the base names its rows give (reported when
+    no input has that name)."""
+
+    files: dict[str, set[str]]
+
+
 def read_chains_file(path: str | os.PathLike) -> dict[str, set[str]]:
-    """``file,chain`` CSV -> {file name (basename, with and without suffixes): chains}; chain "" or "_" = blank."""
+    """``file,chain`` CSV -> {file name (basename, with and without suffixes): chains}; chain "" or "_" = blank.
+    The result's `files` holds each row's base name with its chains."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     if not {"file", "chain"} <= set(frame.columns):
         raise ValueError(f"{path}: columns: need file,chain (got {list(frame.columns)})")
-    wanted: dict[str, set[str]] = {}
+    wanted = ChainSelection()
+    wanted.files = {}
     for row in frame.itertuples():
         chain = "" if row.chain.strip() in ("", "_", "(blank)") else row.chain.strip()
+        wanted.files.setdefault(Path(row.file).name, set()).add(chain)
         for key in _file_keys(Path(row.file)):
             wanted.setdefault(key, set()).add(chain)
     return wanted
@@ -123,6 +218,12 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     if chains is not None:
         files = [f for f in files if _file_keys(f) & chains.keys()]
+        # A chains-file row whose file is not among the inputs (a typo, an id the fetch did not deliver).
+        present = set().union(*(_file_keys(f) for f in files)) if files else set()
+        for name, wanted_chains in sorted(getattr(chains, "files", {}).items()):
+            if not _file_keys(Path(name)) & present:
+                reject(name, ",".join(sorted(c or "_" for c in wanted_chains)), "select",
+                       f"{name}: file: named by the chains file but not among the inputs")
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("prepare", total=len(files))
         for path in files:
@@ -130,6 +231,7 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
             try:
                 if not path.is_file():
                     raise ValueError(f"{path}: file: not found")
+                check_mmcif_complete(path)
                 parsed = read_chains(path, model=model)
             except ValueError as exc:
                 summary.files_rejected += 1
@@ -158,6 +260,16 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                 if reason is not None:
                     summary.chains_rejected += 1
                     reject(path, chain.chain, stage, reason)
+                    continue
+                before = int((chain.atom37_mask > 0).sum())
+                for residue in mask_nonfinite_atoms(chain):
+                    reject(path, chain.chain, "coordinates", f"{path}: chain {chain.chain or '_'}: {residue}: "
+                           "non-finite (NaN/inf) coordinates; atoms masked")
+                summary.atoms_masked += before - int((chain.atom37_mask > 0).sum())
+                if not chain.n_observed:
+                    summary.chains_rejected += 1
+                    reject(path, chain.chain, "coordinates", f"{path}: chain {chain.chain or '_'}: no residue with "
+                           "a finite CA left")
                     continue
                 npz = Path("chains") / f"{chain.chain_id}.npz"
                 save_chain(chain, out_dir / npz)

@@ -37,11 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"foldtune {name}", description=help_text)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"foldtune {name}", description=help_text)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C (or the workflow stopping its jobs): one line, not a traceback
+        print(f"foldtune {name}: interrupted (Ctrl-C); outputs are written atomically, so a rerun starts from "
+              "what finished", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -115,6 +115,40 @@ def _deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
             out[key] = _deep_merge(out[key], value, prefix=f"{dotted}.")
+        elif dotted in _OPEN_MAPPINGS and isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge_open(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _nest(mapping: dict) -> dict:
+    """`{"trunk.num_blocks": 2}` -> `{"trunk": {"num_blocks": 2}}` (both spellings are accepted in model.size)."""
+    out: dict = {}
+    for key, value in mapping.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        leaf = _nest(value) if isinstance(value, dict) else copy.deepcopy(value)
+        if isinstance(leaf, dict) and isinstance(node.get(parts[-1]), dict):
+            leaf = _merge_open(node[parts[-1]], leaf)
+        node[parts[-1]] = leaf
+    return out
+
+
+def _merge_open(base: dict, update: dict) -> dict:
+    """Merge a free-form mapping key by key, so that `model.size.trunk.num_blocks=4` keeps the file's
+    `trunk.max_recycles`. A dotted key and its nested spelling name the same setting: with either present
+    on both sides, both are nested first, so the update wins."""
+    if any("." in str(k) for k in (*base, *update)) and base and update:
+        base, update = _nest(base), _nest(update)
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge_open(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

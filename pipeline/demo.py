@@ -34,6 +34,37 @@ def snakemake_command(config: Path, cores: int, extra: list[str]) -> list[str]:
             "--workflow-profile", str(PROFILE), "--cores", str(cores), "--resources", f"gpu={cores}", *extra]
 
 
+def working_dir(extra: list[str]) -> Path:
+    """Where Snakemake keeps `.snakemake/` (its locks): `--directory`/`-d` among the extra arguments, else REPO."""
+    for index, arg in enumerate(extra):
+        if arg in ("--directory", "-d") and index + 1 < len(extra):
+            return Path(extra[index + 1]).resolve()
+        if arg.startswith("--directory="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return REPO
+
+
+def left_locks(workdir: Path) -> bool:
+    """Snakemake removes its locks when it ends, also on failure: locks left after it ended belong to another
+    run on the directory, or to one that was killed (kill -9, power loss)."""
+    locks = workdir / ".snakemake" / "locks"
+    return locks.is_dir() and any(locks.iterdir())
+
+
+def _run(command: list[str], env: dict) -> tuple[int, bool]:
+    """(exit code, interrupted): Ctrl-C reaches Snakemake too (same process group), which stops its jobs and
+    exits; wait for that instead of leaving it behind. A second Ctrl-C stops it at once."""
+    process = subprocess.Popen(command, env=env, cwd=REPO)
+    try:
+        return process.wait(), False
+    except KeyboardInterrupt:
+        try:
+            return process.wait(), True
+        except KeyboardInterrupt:
+            process.kill()
+            return process.wait(), True
+
+
 def experiment_dir(config: Path) -> Path:
     data = yaml.safe_load(config.read_text()) or {}
     return Path(data.get("results_dir", "results")) / str(data.get("experiment", "demo"))
@@ -55,11 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     command = snakemake_command(args.config, args.cores, args.snakemake_args)
     print("demo:", " ".join(command[2:]), flush=True)
     started = time.perf_counter()
-    code = subprocess.call(command, env=env, cwd=REPO)
+    code, interrupted = _run(command, env)
     minutes, seconds = divmod(time.perf_counter() - started, 60)
     wall = f"{int(minutes)} min {seconds:.0f} s"
+    workdir = working_dir(args.snakemake_args)
     exp = experiment_dir(args.config)
-    exp = exp if exp.is_absolute() else REPO / exp
+    exp = exp if exp.is_absolute() else workdir / exp
+    rerun = " ".join(["python -m pipeline.demo", *(sys.argv[1:] if argv is None else argv)])
+    if code != 0 and left_locks(workdir):
+        unlock = " ".join(snakemake_command(args.config, args.cores, [*args.snakemake_args, "--unlock"])[2:])
+        print(f"\ndemo: {workdir} is locked by another Snakemake run, or by one that was killed. If none is "
+              f"running, unlock it and rerun:\n  python -m {unlock}\n  {rerun}")
+        return code or 1
+    if interrupted:
+        print(f"\ndemo: interrupted (Ctrl-C) after {wall}; rerun to continue (finished steps are kept, an "
+              f"interrupted training run resumes from its last checkpoint):\n  {rerun}")
+        return 130
     if code != 0:
         print(f"\ndemo: snakemake failed (exit {code}) after {wall}; logs under {exp}/logs/ "
               f"(a rerun resumes: finished steps are kept)")

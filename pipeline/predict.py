@@ -145,10 +145,10 @@ def targets_from_fasta(path: str | Path) -> list[Target]:
 # --------------------------------------------------------------------------------- models
 
 def read_run_config(run_dir: Path) -> dict:
+    from pipeline.train import read_recorded_config  # names the file (and line) when it is not YAML
+
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{path}: config: not found (is {run_dir} a foldtune run?)")
-    cfg = yaml.safe_load(path.read_text())
+    cfg = read_recorded_config(run_dir)
     if cfg.get("kind", "fold") != "fold":
         raise ValueError(f"{path}: kind: {cfg.get('kind')!r} runs cannot fold structures")
     return cfg

@@ -100,6 +100,8 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") ->
     in the model count as not preserved), ``n_aligned`` and ``l_ref``.
     Raises ValueError naming both structures when no residue can be matched.
     """
+    for chain in (model, ref):  # NaN/inf would end in the SVD of the superposition, far from the cause
+        _require_finite(chain)
     model_idx, ref_idx = match_residues(model, ref, align)
     ca = metrics.CA_INDEX
     has_ca = (model.atom37_mask[model_idx, ca] > 0) & (ref.atom37_mask[ref_idx, ca] > 0)
@@ -132,6 +134,16 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") ->
         "n_aligned": int(model_idx.size),
         "l_ref": l_ref,
     }
+
+
+def _require_finite(chain: ProteinChain) -> None:
+    from data.prepare import nonfinite_atoms
+
+    _, residues = nonfinite_atoms(chain)
+    if residues:
+        more = f" (and {len(residues) - 1} more residues)" if len(residues) > 1 else ""
+        raise ValueError(f"{_describe(chain)}: chain {chain.chain or '_'}: coordinates: non-finite (NaN/inf) at "
+                         f"{residues[0]}{more}")
 
 
 def _span(chain: ProteinChain) -> str:
@@ -183,6 +195,9 @@ def _cached_reader() -> Callable:
             return read_chain(path, chain=chain, model=model)  # raises read_chain's own error
         key = (str(resolved), stat.st_mtime_ns, stat.st_size, chain, model)
         if key not in cache:
+            from data.prepare import check_mmcif_complete  # a row cut short: "truncated", not IndexError
+
+            check_mmcif_complete(Path(path), require_terminator=False)
             cache[key] = read_chain(path, chain=chain, model=model)  # the path as given: messages name it
         return cache[key]
 
@@ -199,7 +214,21 @@ def _progress(total: int, description: str):
     return progress, progress.add_task(description, total=total)
 
 
-def _run_rows(rows: Iterable, n_rows: int, score_row: Callable, description: str, show_progress: bool) -> list[dict]:
+ERROR_COLUMN = "error"  # batch tables: "" for a scored row, else why it could not be scored
+
+
+def _run_rows(rows: Iterable, n_rows: int, score_row: Callable, description: str, show_progress: bool,
+              key: Callable) -> list[dict]:
+    """score_row(row) for every row; a row that cannot be scored (bad file, NaN coordinates, no common
+    residues) becomes `key(row)` + its error message, so the others are still scored."""
+    unguarded = score_row
+
+    def score_row(row) -> dict:
+        try:
+            return {**unguarded(row), ERROR_COLUMN: ""}
+        except (ValueError, OSError, np.linalg.LinAlgError) as exc:
+            return {**key(row), ERROR_COLUMN: str(exc) or type(exc).__name__}
+
     records = []
     if show_progress:
         progress, task = _progress(n_rows, description)
@@ -255,8 +284,8 @@ def score_table(
         return {"id": row["id"], **result}
 
     rows = [row for _, row in table.iterrows()]
-    records = _run_rows(rows, len(rows), score_row, "scoring", show_progress)
-    frame = pd.DataFrame(records, columns=["id", *METRIC_KEYS])
+    records = _run_rows(rows, len(rows), score_row, "scoring", show_progress, key=lambda row: {"id": row["id"]})
+    frame = pd.DataFrame(records, columns=["id", *METRIC_KEYS, ERROR_COLUMN])
     with atomic_path(out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
@@ -316,8 +345,9 @@ def score_predictions(
         return {"chain_id": row["chain_id"], **result, "mean_plddt": float(plddt) if str(plddt) != "" else np.nan}
 
     rows = [row for _, row in table.iterrows()]
-    records = _run_rows(rows, len(rows), score_row, "scoring predictions", show_progress)
-    frame = pd.DataFrame(records, columns=["chain_id", *METRIC_KEYS, "mean_plddt"])
+    records = _run_rows(rows, len(rows), score_row, "scoring predictions", show_progress,
+                        key=lambda row: {"chain_id": row["chain_id"]})
+    frame = pd.DataFrame(records, columns=["chain_id", *METRIC_KEYS, "mean_plddt", ERROR_COLUMN])
     with atomic_path(out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     return frame

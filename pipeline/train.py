@@ -284,6 +284,11 @@ class _Task(pl.LightningModule):
         self.train_seconds_before = 0.0
         self.val_records: list[dict] = []  # this rank's validation batches, gathered at the epoch's end
         self._good_micro_batches = 0  # finite micro-batches (on every rank) since the last optimizer step
+        self._step_chains: list[str] = []  # this rank's chains of the current optimizer step
+        # Micro-batches (all ranks) with a non-finite loss + steps with a non-finite gradient, and their chains:
+        # the same on every rank, so rank 0's checkpoint holds them for a resume.
+        self.nonfinite_batches = 0
+        self.nonfinite_chains: set[str] = set()
 
     # -- randomness per step
     def global_batch(self) -> int:
@@ -301,11 +306,14 @@ class _Task(pl.LightningModule):
         resumed run needs no RNG state from the other ranks."""
         torch.manual_seed(int(self.step_rng(0).integers(2**62)))
 
-    def _guard(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _guard(self, loss: torch.Tensor, chains: Sequence[str] = ()) -> tuple[torch.Tensor, bool]:
         """(loss to backpropagate, finite?). The decision is taken over all ranks (a sum of bad flags): under
         DDP a rank-local skip would hang the gradient all-reduce, and a rank-local abort the next collective.
         A non-finite micro-batch backpropagates a zero that touches every trainable parameter (so DDP sees
-        all of them used) and an optimizer step made only of such micro-batches is skipped."""
+        all of them used) and an optimizer step made only of such micro-batches is skipped. `chains`: the
+        batch's chain ids, named in the warning (and in summary.json's nonfinite_chains) when it is skipped."""
+        chains = list(chains)
+        self._step_chains.extend(chains)
         bad_here = not bool(torch.isfinite(loss.detach()))
         flag = torch.tensor(float(bad_here), device=loss.device)
         bad_ranks = int(self.trainer.strategy.reduce(flag, reduce_op="sum").item())  # in place under DDP
@@ -315,14 +323,27 @@ class _Task(pl.LightningModule):
             return loss, True
         self.bad_steps += 1
         limit = self.cfg["trainer"]["max_bad_steps"]
+        culprits = self._all_ranks(chains if bad_here else [])  # every rank takes this branch alike
+        self.nonfinite_batches += bad_ranks
+        self.nonfinite_chains.update(culprits)
         where = f"non-finite loss ({loss.detach().item()})" if bad_here else "non-finite loss on another rank"
         warnings.warn(f"step {self.global_step}: {where}; step skipped on all {self.trainer.world_size} rank(s) "
-                      f"({self.bad_steps}/{limit} in a row)", RuntimeWarning, stacklevel=2)
+                      f"({self.bad_steps}/{limit} in a row); chains: {', '.join(culprits) or '?'}",
+                      RuntimeWarning, stacklevel=2)
         if self.bad_steps >= limit:
             self.aborted = True
             self.trainer.should_stop = True
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in trainable]).sum() * 0.0, False
+
+    def _all_ranks(self, chains: list[str]) -> list[str]:
+        """Every rank's `chains` (a collective: call it where all ranks decided alike), in rank order."""
+        world = self.trainer.world_size
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * world
+            torch.distributed.all_gather_object(parts, list(chains))
+            return [chain for part in parts for chain in part]
+        return list(chains)
 
     def configure_optimizers(self):
         tcfg = self.cfg["trainer"]
@@ -337,6 +358,7 @@ class _Task(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         good, self._good_micro_batches = self._good_micro_batches, 0
+        chains, self._step_chains = self._step_chains, []
         if not good:  # every micro-batch of this step was non-finite (on some rank): no update at all
             for p in self.model.parameters():
                 p.grad = None
@@ -346,7 +368,11 @@ class _Task(pl.LightningModule):
         # DDP the gradients are already all-reduced, so every rank decides alike.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            warnings.warn(f"step {self.global_step}: non-finite gradient; update skipped", RuntimeWarning)
+            suspects = self._all_ranks(chains)  # the gradient is all-reduced: every rank is here alike
+            self.nonfinite_batches += 1
+            self.nonfinite_chains.update(suspects)
+            warnings.warn(f"step {self.global_step}: non-finite gradient; update skipped; chains of the step: "
+                          f"{', '.join(suspects) or '?'}", RuntimeWarning)
             for p in self.model.parameters():
                 p.grad = None
 
@@ -380,6 +406,8 @@ class _Task(pl.LightningModule):
             "batches_seen": self.batches_seen,  # per rank
             "world_size": self.trainer.world_size,
             "bad_steps": self.bad_steps,
+            "nonfinite_batches": self.nonfinite_batches,
+            "nonfinite_chains": sorted(self.nonfinite_chains),
             "best_val_tm": self.best_val_tm,
             "last_train_loss": self.last_train_loss,
             "train_seconds": self.train_seconds_before + (time.time() - getattr(self, "_fit_started", time.time())),
@@ -401,6 +429,8 @@ class _Task(pl.LightningModule):
                                  f"rank(s), not a multiple of the {world} rank(s) now; resume on {saved_world}")
             self.batches_seen = consumed // world
         self.bad_steps = state.get("bad_steps", 0)
+        self.nonfinite_batches = state.get("nonfinite_batches", 0)
+        self.nonfinite_chains = set(state.get("nonfinite_chains", []))
         self.best_val_tm = state.get("best_val_tm", float("nan"))
         self.last_train_loss = state.get("last_train_loss", float("nan"))
         self.train_seconds_before = state.get("train_seconds", 0.0)
@@ -473,7 +503,7 @@ class FoldingTask(_Task):
         self.begin_step()
         self.batches_seen += 1
         total, terms, _ = self.compute_loss(batch, recycles)
-        loss, finite = self._guard(total.float())
+        loss, finite = self._guard(total.float(), batch["chain_id"])
         if not finite:
             return loss
         self.last_train_loss = float(loss.detach())
@@ -529,7 +559,7 @@ class LMTask(_Task):
         masked, targets = mask_tokens(batch["tokens"], generator)
         logits = self.model(masked)["logits"]
         loss, _ = masked_lm_loss(logits, targets)
-        loss, finite = self._guard(loss)
+        loss, finite = self._guard(loss, batch["chain_id"])
         if not finite:
             return loss
         self.last_train_loss = float(loss.detach())
@@ -799,6 +829,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
     if not resume and ckpt.is_file():
         raise ValueError(f"output_dir: {run_dir} already holds a run (checkpoints/last.ckpt); "
                          "pass --resume to continue it or choose another output_dir")
+    # Before anything is written: a refused resume leaves the run as it was, resumable with its own config.
+    resumed_changes = check_resume(cfg, run_dir, ckpt) if resume else {}
     die_with_parent()
     tcfg = cfg["trainer"]
     on_gpu = torch.cuda.is_available()
@@ -816,6 +848,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             _keep_previous_logs(run_dir)
+            if resumed_changes:
+                record_resume_changes(run_dir, ckpt, resumed_changes)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
         atomic_write_text(run_dir / INPUTS_FILE, json.dumps(run_inputs(cfg), indent=2) + "\n")
@@ -897,7 +931,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
                else task.best_val_tm,
                "status": "aborted_nonfinite_loss" if task.aborted else
                "stopped_at_deadline" if stop and stop.reached and trainer.global_step < tcfg["max_steps"] else "finished",
-               "precision": _precision(cfg, on_gpu), "device": "gpu" if on_gpu else "cpu"}
+               "precision": _precision(cfg, on_gpu), "device": "gpu" if on_gpu else "cpu",
+               "nonfinite_batches": task.nonfinite_batches, "nonfinite_chains": sorted(task.nonfinite_chains)}
     if trainer.is_global_zero:
         _flatten_metrics(run_dir)
         if summary["status"] != "stopped_at_deadline":  # an incomplete run has no summary: it is not an output yet
@@ -933,6 +968,82 @@ def run_inputs(cfg: dict) -> dict:
         files["model.base_run"] = Path(cfg["model"]["base_run"]) / "adapter" / adapters.WEIGHTS_NAME
     config_digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
     return {"config": config_digest, "files": {name: _file_digest(path) for name, path in files.items()}}
+
+
+# What a resumed run may not change: the checkpoint holds this model's and adapter's tensors (TLoRA's frozen
+# projections are drawn from trainer.seed, and every batch is a function of the seed).
+FIXED_ON_RESUME = ("kind", "model", "adapter", "trainer.seed")
+RESUMES_FILE = "resumes.json"
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_recorded_config(run_dir: Path) -> dict:
+    """RUN/config.yaml as written by `train` (ValueError naming the file when missing or not valid YAML)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config: not found (is {run_dir} a foldtune run?)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path}: expected a mapping (the run's resolved config), got {type(recorded).__name__}")
+    return recorded
+
+
+def check_resume(cfg: dict, run_dir: Path, ckpt: Path) -> dict[str, tuple[Any, Any]]:
+    """Compare a resume's config with the run's RUN/config.yaml before anything is written.
+
+    Returns the changed settings (dotted key -> (run's value, new value)) a resume may make, e.g. a longer
+    trainer.max_steps or another lr; raises ValueError naming every changed key of `FIXED_ON_RESUME` (the
+    model, the adapter, the seed) and a max_steps below the checkpoint's step. Runtime settings
+    (`RUNTIME_KEYS`) are not changes."""
+    recorded = _flat(json.loads(json.dumps(read_recorded_config(run_dir), default=str)))
+    wanted = _flat(json.loads(json.dumps(cfg, default=str)))
+    runtime = {f"{section}.{key}" for section, key in RUNTIME_KEYS}
+    changed = {key: (recorded.get(key), wanted.get(key)) for key in sorted(set(recorded) | set(wanted))
+               if key not in runtime and recorded.get(key) != wanted.get(key)}
+    fixed = {key: pair for key, pair in changed.items()
+             if any(key == f or key.startswith(f + ".") for f in FIXED_ON_RESUME)}
+    if fixed:
+        what = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in fixed.items())
+        raise ValueError(f"--resume: {run_dir / 'config.yaml'}: {what}: a resumed run cannot change its model, "
+                         "adapter or seed (resume with the run's own settings, or train into another output_dir)")
+    if "trainer.max_steps" in changed:
+        step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+        if cfg["trainer"]["max_steps"] < step:
+            raise ValueError(f"--resume: trainer.max_steps: {cfg['trainer']['max_steps']} is below the step of "
+                             f"{ckpt} ({step})")
+    for key, (old, new) in changed.items():
+        log.warning("%s: resuming with %s changed: %r -> %r (recorded in %s)", run_dir, key, old, new, RESUMES_FILE)
+    return changed
+
+
+def record_resume_changes(run_dir: Path, ckpt: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append a resume's changed settings to RUN/resumes.json: [{"step", "time", "changed": {key: [old, new]}}]
+    (RUN/config.yaml then holds the new values)."""
+    path = run_dir / RESUMES_FILE
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        history = []
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    history.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "changed": {key: [old, new] for key, (old, new) in changes.items()}})
+    atomic_write_text(path, json.dumps(history, indent=2) + "\n")
 
 
 def prepare_rerun(cfg: dict) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -32,14 +34,20 @@ PLAN = {
     "4I6P": ["html"],
     "9ZZZ": ["404"],
     "1PSM": ["500"],
+    "1B05": ["other"],  # a valid mmCIF of another entry (1GBT)
+    "2CRB": ["sigint"],  # the user presses Ctrl-C while this one downloads
+    "4AKE": ["drip", "ok"],  # a byte every 50 ms: every read is within the socket timeout
 }
 FILES = {"1A7G": "1a7g.cif", "4ZEY": "4zey.cif", "3ZEE": "3zee.cif", "2Q2K": "2q2k.cif", "3U8V": "3u8v.cif",
          "4I6P": "4i6p.cif", "1PSM": "1psm.cif"}
+SLOW_FILES = {"4AKE": "4ake.cif"}  # served by the drip test only
 ENTRIES = {"1A7G": {"rcsb_entry_info": {"resolution_combined": [2.4], "deposited_polymer_monomer_count": 90},
                     "exptl": [{"method": "X-RAY DIFFRACTION"}]},
            "4ZEY": {"rcsb_entry_info": {"resolution_combined": [1.5], "deposited_polymer_monomer_count": 90},
                     "exptl": [{"method": "X-RAY DIFFRACTION"}]},
-           "3ZEE": {"rcsb_entry_info": {"resolution_combined": [6.1]}, "exptl": [{"method": "ELECTRON MICROSCOPY"}]}}
+           "3ZEE": {"rcsb_entry_info": {"resolution_combined": [6.1]}, "exptl": [{"method": "ELECTRON MICROSCOPY"}]},
+           "3U8V": {"rcsb_entry_info": {"resolution_combined": ["high"]}},  # malformed
+           "2Q2K": {"rcsb_entry_info": "none", "exptl": "X-RAY"}}  # malformed
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -71,7 +79,8 @@ class Handler(BaseHTTPRequestHandler):
             self.attempts[pdb_id] = attempt + 1
         plan = PLAN.get(pdb_id, ["404"])
         action = plan[min(attempt, len(plan) - 1)]
-        body = (SHARED / FILES[pdb_id]).read_bytes() if pdb_id in FILES else b""
+        served = {**FILES, **SLOW_FILES}
+        body = (SHARED / served[pdb_id]).read_bytes() if pdb_id in served else b""
         if action == "ok":
             self._send(200, body)
         elif action == "gzip":
@@ -85,13 +94,34 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, body[: len(body) // 2])
         elif action == "clen":  # connection closes before Content-Length bytes arrive
             self._send(200, body[: len(body) // 2], length=len(body))
+        elif action == "drip":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for index in range(40):
+                    self.wfile.write(body[index:index + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        elif action == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)  # the fetch (main thread) gets KeyboardInterrupt, as from Ctrl-C
+            time.sleep(0.5)
+            self._send(500, b"gone")
+        elif action == "other":
+            self._send(200, (SHARED / "1gbt.cif").read_bytes())
         elif action == "html":
             self._send(200, b"<html><body>Service unavailable</body></html>")
         else:
             self._send(404, b"not found")
 
+    search_reply: bytes | None = None  # a test's own search answer (malformed ones)
+
     def do_POST(self):
         query = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.search_reply is not None:
+            return self._send(200, self.search_reply)
         rows = query.get("request_options", {}).get("paginate", {}).get("rows", 10)
         ids = [{"identifier": "1A7G", "score": 1.0}, {"identifier": "4ZEY.A", "score": 0.9},
                {"identifier": "3ZEE_1", "score": 0.8}]
@@ -101,6 +131,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server(monkeypatch):
     Handler.attempts = {}
+    Handler.search_reply = None
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -223,3 +254,94 @@ def test_ids_parsing(tmp_path):
     csv = tmp_path / "ids.csv"
     csv.write_text("file,chain\ndata/samples/structures/1tii.pdb,D\n")
     assert read_ids_file(csv) == [Target("1TII", "D")]
+
+
+def test_another_entry_served_for_the_requested_id_is_rejected(tmp_path, server):
+    """1GBT's valid mmCIF served for 1B05 is neither cached nor placed under 1B05 (download, cache, local)."""
+    base, _ = server
+    config = _config(tmp_path, base)
+    report = fetch([Target("1B05")], config)
+    assert report.status.tolist() == ["failed"]
+    assert "entry 1GBT (_entry.id), not the requested 1B05" in report.reason[0] and "4 attempts" in report.reason[0]
+    assert not (config.cache / "1b05.cif.gz").exists() and not (tmp_path / "out" / "1b05.cif.gz").exists()
+    # A wrong file already in the cache is not served: it is downloaded again (here: wrong again).
+    config.cache.mkdir(parents=True, exist_ok=True)
+    (config.cache / "1b05.cif.gz").write_bytes(gzip.compress((SHARED / "1gbt.cif").read_bytes()))
+    assert fetch([Target("1B05")], config).status.tolist() == ["failed"]
+    assert Handler.attempts["1B05"] == 8
+    # Offline, from --source-dir: a file named 1b05 holding another entry is refused, naming the file.
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "1b05.cif").write_bytes((SHARED / "1gbt.cif").read_bytes())
+    (local / "1a8o.pdb").write_bytes((SAMPLES / "1a8o.pdb").read_bytes())
+    offline = _config(tmp_path / "o", base, offline=True, source_dirs=[local])
+    report = fetch([Target("1B05"), Target("1A8O")], offline)
+    assert report.status.tolist() == ["failed", "local"]
+    assert f"{local / '1b05.cif'}: entry 1GBT (_entry.id), not the requested 1B05" in report.reason[0]
+
+
+@pytest.mark.parametrize("reply, message", [
+    (b'{"result_set": [{"score": 1.0}]}', "result_set[0]: no `identifier`"),
+    (b"<html>busy</html>", "search http://127.0.0.1:"),
+    (b"[1, 2]", "expected a JSON object with result_set"),
+])
+def test_malformed_search_answers_are_one_line_naming_the_search(tmp_path, server, capsys, reply, message):
+    base, _ = server
+    Handler.search_reply = reply
+    query = tmp_path / "q.json"
+    query.write_text(json.dumps({"query": {"type": "terminal"}}))
+    code = main(["fetch", "--query", str(query), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"),
+                 "--search-url", f"{base}/search", "--timeout", str(TIMEOUT), "--backoff", "0", "--retries", "1",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 2 and out.startswith("foldtune fetch: ") and message in out and out.count("\n") == 1
+
+
+def test_ctrl_c_writes_the_report_of_what_finished(tmp_path, server, capsys):
+    base, _ = server
+    args = ["fetch", "1A7G", "2CRB", "4ZEY", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+            "--rcsb-url", f"{base}/download", "--entry-url", f"{base}/entry", "--timeout", "5", "--backoff", "0",
+            "--no-progress"]
+    assert main(args) == 130
+    out = capsys.readouterr().out
+    assert out.startswith("foldtune fetch: interrupted (Ctrl-C) after 1 of 3 rows;") and out.count("\n") == 1
+    report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
+    assert report.status.tolist() == ["downloaded", "failed", "failed"]
+    assert all("interrupted (Ctrl-C)" in reason for reason in report.reason[1:])
+    _no_partial_files(tmp_path)
+    # Rerun: the finished one comes from the cache.
+    PLAN["2CRB"] = ["500"]
+    try:
+        assert main(args) == 1
+    finally:
+        PLAN["2CRB"] = ["sigint"]
+    report = pd.read_csv(tmp_path / "out" / "fetch_report.csv", keep_default_na=False)
+    assert report.status.tolist() == ["cached", "failed", "downloaded"]
+
+
+def test_a_dripping_server_is_cut_off_by_the_attempt_timeout(tmp_path, server):
+    base, _ = server
+    config = _config(tmp_path, base, attempt_timeout=0.5)
+    started = time.perf_counter()
+    report = fetch([Target("4AKE")], config)
+    assert time.perf_counter() - started < 1.5  # 40 bytes at 50 ms: 2 s without the limit
+    assert report.status.tolist() == ["downloaded"] and Handler.attempts == {"4AKE": 2}
+    validate_mmcif((config.cache / "4ake.cif.gz").read_bytes())
+    Handler.attempts = {}
+    PLAN["4AKE"] = ["drip"]
+    try:
+        report = fetch([Target("4AKE")], _config(tmp_path / "again", base, attempt_timeout=0.5))
+    finally:
+        PLAN["4AKE"] = ["drip", "ok"]
+    assert report.status.tolist() == ["failed"] and "stalled: the attempt's time limit passed" in report.reason[0]
+
+
+def test_malformed_entry_metadata_is_named_and_the_file_still_fetched(tmp_path, server):
+    base, _ = server
+    resolution = fetch([Target("3U8V")], _config(tmp_path, base, max_resolution=2.0))
+    method = fetch([Target("2Q2K")], _config(tmp_path / "m", base, methods=["x-ray diffraction"]))
+    for report in (resolution, method):
+        assert report.status.tolist() == ["downloaded"]  # prepare still filters on the file's own resolution
+        assert report.reason[0].startswith("entry metadata unavailable (malformed: ")
+        assert report.reason[0].endswith("filters not applied")
+    assert "could not convert string to float: 'high'" in resolution.reason[0]

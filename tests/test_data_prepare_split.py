@@ -157,3 +157,44 @@ def test_offline_demo_pipeline_end_to_end(tmp_path):
     splits = pd.read_csv(work / "splits.csv", keep_default_na=False)
     assert sorted(splits.chain_id) == sorted(manifest.chain_id)
     assert splits.split.value_counts().to_dict().keys() == {"train", "val", "test"}
+
+
+def test_prepare_from_a_fetch_report_takes_exactly_what_this_fetch_delivered(tmp_path, capsys):
+    """A second fetch into the same directory leaves the first one's files there; the dataset follows the
+    report (delivered rows only: a failed or filtered id's old file stays out)."""
+    fetch = ["fetch", "--offline", "--source-dir", str(SAMPLES / "structures"), "--out", str(tmp_path / "structures"),
+             "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main([*fetch, "1a8o", "4zey", "1ubi"]) == 0
+    assert main([*fetch, "1a8o", "9zzz"]) == 1  # 9zzz fails: nothing to serve it from
+    report = tmp_path / "structures" / "fetch_report.csv"
+    frame = pd.read_csv(report, keep_default_na=False)
+    frame.loc[len(frame)] = {"id": "4ZEY", "chain": "", "status": "filtered", "path": "",
+                             "reason": "resolution 3.5 > 3.0"}  # as a fetch with --max-resolution reports it
+    frame.to_csv(report, index=False)
+    assert sorted(p.name for p in (tmp_path / "structures").glob("*.pdb")) == ["1a8o.pdb", "1ubi.pdb"]
+    assert main(["prepare", "--fetch-report", str(report), "--out", str(tmp_path / "ds"), "--no-progress"]) == 0
+    assert read_manifest(tmp_path / "ds").chain_id.tolist() == ["1a8o_A"]
+    # Reading the directory instead takes the stale files too (what the workflow did).
+    assert main(["prepare", "--in", str(tmp_path / "structures"), "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    assert sorted(read_manifest(tmp_path / "all").chain_id) == ["1a8o_A", "1ubi_A", "4zey_A"]
+    capsys.readouterr()
+    assert main(["prepare", "--fetch-report", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 2
+    assert f"{tmp_path / 'nope.csv'}: fetch report: not found" in capsys.readouterr().out
+
+
+def test_workflow_prepare_reads_the_fetch_report():
+    rule = (ROOT / "snakemake" / "rules" / "data.smk").read_text()
+    prepare = rule[rule.index("rule prepare:"):rule.index("rule split:")]
+    assert "--fetch-report {input.fetched}" in prepare and "--in" not in prepare
+
+
+def test_a_chains_file_row_naming_no_input_is_reported(tmp_path):
+    chains_csv = tmp_path / "chains.csv"
+    chains_csv.write_text("file,chain\n1a8o.pdb,A\n1a8p.pdb,A\nelsewhere/9xyz.cif,B\n9xyz.cif,C\n")
+    assert main(["prepare", "--in", str(SAMPLES / "structures" / "1a8o.pdb"), "--out", str(tmp_path / "ds"),
+                 "--chains-file", str(chains_csv), "--no-progress"]) == 0
+    errors = pd.read_csv(tmp_path / "ds" / "errors.csv", keep_default_na=False)
+    assert list(zip(errors.file, errors.chain, errors.stage)) == [("1a8p.pdb", "A", "select"),
+                                                                  ("9xyz.cif", "B,C", "select")]
+    assert all("named by the chains file but not among the inputs" in r for r in errors.reason)
+    assert read_manifest(tmp_path / "ds").chain_id.tolist() == ["1a8o_A"]

@@ -47,7 +47,7 @@ def test_batch_mode_writes_csv(tmp_path):
     out = tmp_path / "scores.csv"
     assert main(["score", "--pairs", str(pairs), "--out", str(out), "--no-progress"]) == 0
     table = pd.read_csv(out)
-    assert list(table.columns) == ["id", *scoring.METRIC_KEYS]
+    assert list(table.columns) == ["id", *scoring.METRIC_KEYS, "error"] and table.error.isna().all()
     assert table.loc[0, "tm_score"] == pytest.approx(scoring.score_pair(MODEL, TARGET)["tm_score"])
     expected = scoring.score_pair(SHARED / "1tii.pdb", SHARED / "1tii.pdb", chain1="D", chain2="E")
     assert table.loc[1, "gdt_ts"] == pytest.approx(expected["gdt_ts"]) and expected["tm_score"] > 0.9
@@ -71,7 +71,7 @@ def test_workflow_mode_scores_predictions_against_dataset(tmp_path):
                  "--out", str(out), "--no-progress"])
     assert code == 0
     table = pd.read_csv(out)
-    assert list(table.columns) == ["chain_id", *scoring.METRIC_KEYS, "mean_plddt"]
+    assert list(table.columns) == ["chain_id", *scoring.METRIC_KEYS, "mean_plddt", "error"]
     assert table.loc[0, "mean_plddt"] == 71.5
     expected = scoring.score_pair(MODEL, TARGET)
     for key in scoring.METRIC_KEYS:

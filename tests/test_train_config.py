@@ -71,3 +71,16 @@ def test_cli_reports_config_error_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main(["train", "--config", str(path), "adapter.rank=2", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["adapter"]["rank"] == 2
+
+
+@pytest.mark.parametrize("size", [{"trunk": {"max_recycles": 0, "num_blocks": 2}},
+                                  {"trunk.max_recycles": 0, "trunk.num_blocks": 2}])
+def test_a_dotted_override_into_model_size_merges(tmp_path, size):
+    """`model.size.trunk.num_blocks=4` changes that key only: the file's other size keys stay."""
+    path = _write(tmp_path, {"model": {"size": size}})
+    cfg = load_config(path, overrides=["model.size.trunk.num_blocks=4",
+                                       "model.size.trunk.structure_module.num_blocks=1"])
+    assert cfg["model"]["size"] == {"trunk": {"max_recycles": 0, "num_blocks": 4,
+                                              "structure_module": {"num_blocks": 1}}}
+    # Without overrides, the file's spelling is kept as written (the recorded config and its digest do not move).
+    assert load_config(path)["model"]["size"] == size

@@ -122,6 +122,9 @@ def test_nan_on_one_rank_skips_the_step_on_both(dataset, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 4
     assert all(torch.isfinite(v).all() for v in adapter(tmp_path / "run").values())
+    # rank 1's chain is named on both ranks and in the summary (rank 0 writes it)
+    assert summary["nonfinite_batches"] == 1 and len(summary["nonfinite_chains"]) == 1
+    assert result.log.count(f"chains: {summary['nonfinite_chains'][0]}") >= 2
 
 
 def test_kill_9_of_the_launcher_then_resume_gives_the_uninterrupted_adapter(dataset, two_ranks, tmp_path):

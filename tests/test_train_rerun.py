@@ -127,3 +127,39 @@ def test_deadline_and_rerun_arguments_are_checked(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--deadline: 'soon': expected `auto` or a number of seconds" in err and "must be > 0" in err
     assert "pass it without --resume" in err
+
+
+def test_resume_refuses_a_changed_model_before_writing_and_records_allowed_changes(dataset, tmp_path, capsys):
+    cfg = _cfg(dataset, tmp_path / "run")
+    train(cfg)
+    run = tmp_path / "run"
+    config = str(run / "config.yaml")
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "inputs.json")}
+    # A refused resume names what changed and leaves the run resumable with its own config.
+    assert main(["train", "--config", config, "--resume", "adapter.rank=8", "trainer.seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.rank: 2 -> 8" in err and "trainer.seed: 0 -> 3" in err and "cannot change" in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / "logs" / "metrics.part000.csv").exists()
+    assert main(["train", "--config", config, "--resume", "trainer.max_steps=3"]) == 2
+    assert "trainer.max_steps: 3 is below the step" in capsys.readouterr().err
+    # Allowed changes (a longer run, another lr) resume and are recorded in the run.
+    assert main(["train", "--config", config, "--resume", "trainer.max_steps=7", "trainer.lr=1e-3"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 7
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert recorded["max_steps"] == 7 and recorded["lr"] == 1e-3
+    history = json.loads((run / "resumes.json").read_text())
+    assert [(h["step"], h["changed"]) for h in history] == [
+        (5, {"trainer.lr": [3e-3, 1e-3], "trainer.max_steps": [5, 7]})]
+    # The recorded inputs follow, so the workflow's --rerun with the new settings resumes instead of starting over.
+    assert main(["train", "--config", config, "--rerun"]) == 0 and not (tmp_path / "run.replaced").exists()
+
+
+def test_resume_names_a_run_config_that_is_not_yaml(dataset, tmp_path, capsys):
+    cfg = _cfg(dataset, tmp_path / "run")
+    train(cfg)
+    good = _write(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "run" / "config.yaml").write_text("trainer: {max_steps: 5\nadapter: [\n")
+    assert main(["train", "--config", good, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / 'config.yaml'}: not valid YAML (line" in err and "Traceback" not in err

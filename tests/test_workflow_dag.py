@@ -161,3 +161,51 @@ def test_schema_rejects_bad_configs_naming_the_key(tmp_path: Path, change: dict,
     assert re.search(message, text), text[-2000:]
     assert str(config) in text  # the error names the config file
     assert not (tmp_path / "results").exists()  # nothing written for a rejected config
+
+
+def test_editing_the_ids_file_query_or_chains_file_reruns_its_step(tmp_path: Path):
+    """data.ids_file / data.chains_file / data.query are inputs (and digested params) of fetch / prepare."""
+    samples = REPO / "data" / "samples" / "structures"
+    (tmp_path / "ids.txt").write_text("1ubi\n1vii\n")
+    (tmp_path / "chains.csv").write_text("file,chain\n1ubi.pdb,A\n1vii.pdb,A\n")
+    config = micro_config(tmp_path, **{"data.ids": [], "data.ids_file": "ids.txt", "data.chains_file": "chains.csv",
+                                       "data.source_dirs": [str(samples)]})
+    manifest = "results/micro/dataset/manifest.csv"
+    run = ("--configfile", str(config), "--directory", str(tmp_path), "--cores", "1", manifest)
+    done = snakemake(*run, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert snakemake(*run, "-n", cwd=tmp_path).stdout.count("Nothing to be done") == 1
+
+    def jobs_after(edit) -> dict:
+        edit()
+        result = snakemake(*run, "-n", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return job_counts(result.stdout) if "Job stats:" in result.stdout else {}
+
+    chains = tmp_path / "chains.csv"
+    stamp = chains.stat()
+    # Same modification time as before, other contents: the digest still sees it.
+    assert jobs_after(lambda: (chains.write_text("file,chain\n1ubi.pdb,A\n"),
+                               os.utime(chains, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))))["prepare"] == 1
+    ids = tmp_path / "ids.txt"
+    counts = jobs_after(lambda: ids.write_text("1ubi\n"))
+    assert counts["fetch"] == 1 and counts["prepare"] == 1
+    # A query file is an input too: a missing one is named before any job runs.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    query = micro_config(fresh, **{"data.ids": [], "data.query": "q.json", "data.offline": False})
+    missing = snakemake("--configfile", str(query), "--directory", str(fresh), "-n", manifest, cwd=fresh)
+    assert missing.returncode != 0 and "q.json" in missing.stdout + missing.stderr
+    assert "Missing input" in missing.stdout + missing.stderr or "MissingInputException" in missing.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training.trainer": {"max_step": 5}}, "training: trainer.max_step: unknown key"),
+    ({"base_training.trainer": {"lr": -1}}, "base_training: trainer.lr: must be >= 0.0"),
+    ({"grid.training": {"trainer.warmup_steps": "ten"}}, "training: trainer.warmup_steps: expected an integer"),
+])
+def test_a_bad_training_setting_stops_the_dry_run(tmp_path: Path, change: dict, message: str):
+    config = micro_config(tmp_path, **change)
+    result = snakemake("--configfile", str(config), "-n", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{config}: {message}" in result.stdout + result.stderr

@@ -58,6 +58,27 @@ def run_out_dirs(runs: list[str], out: str) -> list[str]:
     return outs
 
 
+def device_error(args: argparse.Namespace) -> str | None:
+    """Why `--device` cannot be used here, as `--device value: why`, or None (checked before any file is read;
+    the other options: `predict.check_fold_options`)."""
+    import re
+
+    import torch
+
+    device = args.device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device not in ("auto", "cpu") and not match:
+        return f"--device {device}: expected auto, cpu, cuda or cuda:N"
+    if match:
+        if not torch.cuda.is_available():
+            return (f"--device {device}: CUDA is not available (torch {torch.__version__} sees no GPU); "
+                    "use --device cpu or auto")
+        index, count = int(match.group(1) or 0), torch.cuda.device_count()
+        if index >= count:
+            return f"--device {device}: there are {count} CUDA device(s) (0..{count - 1})"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -66,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline import predict
 
+    problem = device_error(args)
+    if problem:
+        print(f"foldtune predict: {problem}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         predict.check_fold_options(args.chunk_size, args.num_recycles, args.precision, args.max_tokens)

@@ -8,8 +8,11 @@ HELP = "parse, clean and tokenize structures into a dataset directory (manifest.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="DIR_OR_FILE",
+    parser.add_argument("--in", dest="inputs", nargs="+", default=[], metavar="DIR_OR_FILE",
                         help="structure files (.pdb/.cif, optionally .gz) or directories searched recursively")
+    parser.add_argument("--fetch-report", metavar="CSV",
+                        help="read exactly the files this `foldtune fetch` report lists as delivered (what the "
+                             "workflow runs: stale files of an earlier fetch in the same directory are left out)")
     parser.add_argument("--out", required=True, metavar="DATASET", help="dataset directory to write")
     parser.add_argument("--chains-file", metavar="CSV", help="CSV with columns file,chain: only these chains")
     parser.add_argument("--model", type=int, default=1, help="model number (1-based) of multi-model files")
@@ -23,16 +26,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.prepare import ChainFilters, prepare_dataset, read_chains_file
+    from data.prepare import ChainFilters, prepare_dataset, read_chains_file, read_fetch_report
 
     filters = ChainFilters(min_len=args.min_len, max_len=args.max_len or None, max_unknown=args.max_unknown,
                            max_resolution=args.max_resolution)
+    if not args.inputs and not args.fetch_report:
+        print("foldtune prepare: no inputs (give --in files/directories or --fetch-report CSV)")
+        return 2
+    inputs = list(args.inputs)
     try:
         chains = read_chains_file(args.chains_file) if args.chains_file else None
+        if args.fetch_report:
+            delivered = read_fetch_report(args.fetch_report)
+            if not delivered:
+                print(f"foldtune prepare: {args.fetch_report}: the fetch delivered no files")
+                return 1
+            inputs += delivered
     except (OSError, ValueError) as exc:
         print(f"foldtune prepare: {exc}")
         return 2
-    summary = prepare_dataset(args.inputs, args.out, filters=filters, chains=chains, model=args.model,
+    summary = prepare_dataset(inputs, args.out, filters=filters, chains=chains, model=args.model,
                               progress=not args.no_progress)
     print(summary.line())
     if summary.errors:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 HELP = "TM-score, GDT, RMSD, lDDT of a model against a reference"
 
@@ -70,16 +71,25 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 frame = scoring.score_table(args.pairs, args.out, align=args.align, show_progress=not args.no_progress)
-            print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
-            return 0
+            failed = frame[frame[scoring.ERROR_COLUMN].astype(bool)]
+            key = "chain_id" if args.predictions else "id"
+            for row in failed.itertuples():
+                print(f"foldtune score: {getattr(row, key)}: {getattr(row, scoring.ERROR_COLUMN)}", file=sys.stderr)
+            print(f"wrote {len(frame)} rows to {args.out}"
+                  + (f"; {len(failed)} could not be scored (column `error`)" if len(failed) else ""), file=sys.stderr)
+            return 1 if len(failed) else 0
         if not (args.model and args.ref):
             print("foldtune score: need MODEL and REF (or --pairs / --predictions)", file=sys.stderr)
             return 2
+        from data.prepare import check_mmcif_complete
+
+        for path in (args.model, args.ref):  # a model from another tool may end its last loop without `#`
+            check_mmcif_complete(Path(path), require_terminator=False)
         result = scoring.score_pair(
             args.model, args.ref, chain1=args.chain1, chain2=args.chain2, model1=args.model1, model2=args.model2,
             align=args.align,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"foldtune score: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result) if args.json else _format(result))

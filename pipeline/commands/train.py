@@ -64,9 +64,14 @@ def run(args: argparse.Namespace) -> int:
         return 4
     if result.aborted:
         print(f"foldtune train: aborted after {cfg['trainer']['max_bad_steps']} non-finite losses in a row at "
-              f"step {summary['steps']}; last good checkpoint: {result.run_dir}/checkpoints/last.ckpt",
+              f"step {summary['steps']} (chains: {', '.join(summary.get('nonfinite_chains') or []) or '?'}); "
+              f"last good checkpoint: {result.run_dir}/checkpoints/last.ckpt",
               file=sys.stderr)
         return 3
+    if summary.get("nonfinite_batches"):
+        print(f"foldtune train: {summary['nonfinite_batches']} batch(es) skipped for a non-finite loss or gradient, "
+              f"chains: {', '.join(summary['nonfinite_chains'])} (check their coordinates; summary.json lists them)",
+              file=sys.stderr)
     print(f"train: {summary['method']} {summary['trainable_params']:,} / {summary['total_params']:,} trainable; "
           f"{summary['steps']} steps in {summary['train_seconds']:.1f} s; final loss {summary['final_train_loss']}; "
           f"best val TM {summary['best_val_tm_score']} -> {result.run_dir}")

@@ -262,6 +262,41 @@ def fetch_args(wildcards) -> str:
     return shlex.join(args)
 
 
+def _files_digest(paths) -> str:
+    """A digest of the named files' contents (a params value next to their being inputs: an edit that keeps an
+    older modification time, e.g. `cp -p` of a saved copy, still reruns). A missing file digests as missing:
+    Snakemake then reports it as a missing input."""
+    digest = hashlib.sha256()
+    for path in paths:
+        file = Path(path)
+        digest.update(f"{path}\0".encode())
+        digest.update(file.read_bytes() if file.is_file() else b"\0missing")
+    return digest.hexdigest()[:16]
+
+
+def fetch_inputs(wildcards) -> dict:
+    """The files `foldtune fetch` reads (data.ids_file, data.query): editing them reruns fetch."""
+    data = config["data"]
+    return {key: data[key] for key in ("ids_file", "query") if data[key]}
+
+
+def fetch_digest(wildcards) -> str:
+    return _files_digest(fetch_inputs(wildcards).values())
+
+
+def prepare_inputs(wildcards) -> dict:
+    """The fetch report and data.chains_file: editing the chains file reruns prepare."""
+    inputs = {"fetched": FETCHED}
+    if config["data"]["chains_file"]:
+        inputs["chains_file"] = config["data"]["chains_file"]
+    return inputs
+
+
+def prepare_digest(wildcards) -> str:
+    chains_file = config["data"]["chains_file"]
+    return _files_digest([chains_file] if chains_file else [])
+
+
 def prepare_args(wildcards) -> str:
     data = config["data"]
     args = ["--min-len", str(data["min_length"]), "--max-len", str(data["max_length"]),
@@ -399,13 +434,36 @@ def parent_of_output(wildcards, output) -> str:
     return str(Path(output[0]).parent)
 
 
-def parent_of_fetched(wildcards, input) -> str:
-    return str(Path(input.fetched).parent)
-
-
 def dataset_dir(wildcards, input) -> str:
     return str(Path(input.manifest).parent)
 
 
 def run_dir(wildcards, input) -> str:
     return str(Path(input.run).parent)
+
+
+# ------------------------------------------------------------------------------ model configs, checked first
+def _check_model_configs() -> None:
+    """Resolve every model job's config as its `foldtune train` will (section of RESOLVED_CONFIG + the job's
+    overrides) before any job runs: a typo under `training:` / `base_training:` stops the dry run, naming the
+    section and key, instead of failing after fetch, prepare, split and the base. Checked again only when
+    the config or the grid changes (a model size check imports torch)."""
+    from types import SimpleNamespace
+
+    jobs = [("base_training", base_overrides(None))] if TRAINS_BASE else []
+    jobs += [("training", train_overrides(SimpleNamespace(run=name))) for name in RUNS]
+    key = hashlib.sha256(json.dumps([config, jobs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stamp = Path(EXP) / ".model_configs_checked"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == key:
+        return
+    from pipeline.config import ConfigError, load_config
+
+    for section, overrides in jobs:
+        try:
+            load_config(RESOLVED_CONFIG, section=section, overrides=shlex.split(overrides))
+        except ConfigError as exc:
+            raise WorkflowError(f"{_config_source()}: {section}: {exc}") from None
+    _write_if_changed(str(stamp), key + "\n")
+
+
+_check_model_configs()

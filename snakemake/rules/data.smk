@@ -1,11 +1,16 @@
 # Structures -> dataset -> splits.
 
 
+# The files a step reads (ids file, query, chains file) are its inputs, and their contents a param: editing
+# one reruns the step and what follows.
 rule fetch:
+    input:
+        unpack(fetch_inputs),
     output:
         FETCHED,
     params:
         args=fetch_args,
+        digest=fetch_digest,
         cache=CACHE,
         out=parent_of_output,
     log:
@@ -18,19 +23,20 @@ rule fetch:
 
 rule prepare:
     input:
-        fetched=FETCHED,
+        unpack(prepare_inputs),
     output:
         MANIFEST,
     params:
         args=prepare_args,
-        structures=parent_of_fetched,
+        digest=prepare_digest,
         dataset=parent_of_output,
     log:
         f"{LOGS}/prepare.log",
     conda:
         "../envs/foldtune.yaml"
+    # Exactly the files this fetch delivered: structures/ may still hold an earlier fetch's files.
     shell:
-        "foldtune prepare --in {params.structures} --out {params.dataset} {params.args} --no-progress "
+        "foldtune prepare --fetch-report {input.fetched} --out {params.dataset} {params.args} --no-progress "
         "> {log} 2>&1"
 
 
