@@ -40,6 +40,8 @@ from data.structure import chain_to_pdb, read_chain  # noqa: E402
 from pipeline import metrics, scoring  # noqa: E402
 
 STRUCTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
+if not STRUCTURES.is_dir():  # a checkout without shared/ beside it: the workplace's copy
+    STRUCTURES = Path("/work/shared/data/structures")
 SOURCES = [("5ugo.pdb", "A"), ("3mht.pdb", "A"), ("7gsa.cif", "A"), ("1pwc.pdb", "A"), ("5h73.pdb", "A")]
 GOAL = 10.0
 

@@ -1,7 +1,9 @@
 """Structure metrics: Kabsch superposition, TM-score / GDT (TMscore search), RMSD and lDDT.
 
 Every function takes NumPy arrays or torch tensors (``(..., N, 3)`` coordinates in Å, masks with
-1 = present) and returns the same kind it was given. One implementation of each piece of math:
+1 = present) and returns the same kind it was given. The module imports neither torch nor transformers (a
+`foldtune score` process never loads them): NumPy does the work, and torch is used only when the caller
+passes tensors (it is then already imported). One implementation of each piece of math:
 
 - :func:`kabsch` - the project's only optimal superposition (weighted, proper rotation).
 - :func:`tm_score` / :func:`tm_score_batch` - TM-score, GDT-TS, GDT-HA and RMSD with residue
@@ -13,12 +15,17 @@ Every function takes NumPy arrays or torch tensors (``(..., N, 3)`` coordinates 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import sys
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
-from transformers.models.esm.openfold_utils import residue_constants as rc
+
+from data import residue_constants as rc
+
+if TYPE_CHECKING:  # annotations only: importing this module never loads torch
+    import torch
 
 CA_INDEX: int = rc.atom_order["CA"]
 GDT_TS_CUTOFFS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
@@ -54,27 +61,57 @@ _SWAP = _swap_table()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _to_torch(x, dtype: torch.dtype | None = None) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    return t.to(dtype) if dtype is not None else t
+def _is_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (no tensor exists unless torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _like(result: torch.Tensor, template):
-    """Return ``result`` as the kind (NumPy / torch, and torch device) of ``template``."""
-    if isinstance(template, torch.Tensor):
-        return result.to(template.device)
-    return result.detach().cpu().numpy()
+def _xp(*arrays):
+    """The array module for the inputs: torch if any of them is a tensor, else NumPy."""
+    return sys.modules["torch"] if any(_is_tensor(a) for a in arrays) else np
+
+
+def _as(xp, x, dtype=None, device=None):
+    """``x`` as an array of module ``xp`` (NumPy or torch), optionally cast to ``dtype`` / moved to ``device``."""
+    if xp is np:
+        return np.asarray(x.detach().cpu().numpy() if _is_tensor(x) else x, dtype=dtype)
+    t = x if isinstance(x, xp.Tensor) else xp.as_tensor(np.asarray(x))
+    return t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
+
+
+def _like(result: np.ndarray, template):
+    """Return the NumPy ``result`` as the kind (NumPy / torch, and torch device) of ``template``."""
+    if _is_tensor(template):
+        return sys.modules["torch"].from_numpy(np.ascontiguousarray(result)).to(template.device)
+    return result
+
+
+_blas_controller = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """NumPy's BLAS on one thread for the block: the search's GEMMs are small, and OpenBLAS spreading them over
+    every core costs ~10x on a loaded machine (and competes with the caller's own threads)."""
+    global _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional speed-up: without it NumPy keeps its default threads
+        yield
+        return
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 def _mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """a @ b through torch: its BLAS honours torch.set_num_threads (NumPy's OpenBLAS would use every core).
+    """a @ b (float64); ``out``: a C-contiguous array to write into (reusing one buffer avoids page faults).
 
-    ``out``: a C-contiguous float64 array to write into (reusing one buffer avoids fresh page faults).
+    Callers that run many of these wrap them in :func:`_single_threaded_blas`.
     """
-    if out is None:
-        return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
-    return out
+    return np.matmul(a, b, out=out)
 
 
 # ------------------------------------------------------------------------------------------------ Kabsch
@@ -83,14 +120,16 @@ def _mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
 _CLOSED_FORM_MIN_SLOPE: float = 1e-2
 
 
-def _rotation_svd(cov: torch.Tensor) -> torch.Tensor:
-    """(..., 3, 3) covariance H -> proper rotation R maximising tr(R H), by SVD (differentiable)."""
-    u, _, vh = torch.linalg.svd(cov)
-    sign = torch.sign(torch.linalg.det(vh.transpose(-1, -2) @ u.transpose(-1, -2)))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    diag = torch.ones(sign.shape + (3,), dtype=cov.dtype, device=cov.device)
+def _rotation_svd(cov):
+    """(..., 3, 3) covariance H -> proper rotation R maximising tr(R H), by SVD (NumPy, or torch: differentiable)."""
+    xp = _xp(cov)
+    u, _, vh = xp.linalg.svd(cov)
+    v, ut = vh.swapaxes(-1, -2), u.swapaxes(-1, -2)
+    sign = xp.sign(xp.linalg.det(v @ ut))
+    sign = xp.where(sign == 0, xp.ones_like(sign), sign)
+    diag = xp.ones_like(cov[..., 0])  # (..., 3)
     diag[..., 2] = sign
-    return vh.transpose(-1, -2) @ (diag[..., None] * u.transpose(-1, -2))
+    return v @ (diag[..., None] * ut)
 
 
 def _linear_map(rows: dict[tuple[int, int], dict[tuple[int, int], float]], n_out: int, n_in: int,
@@ -242,7 +281,8 @@ def _rotation_closed_form(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = (adj * q[None]).sum(1)
         q = q / np.sqrt((q * q).sum(0))
     ok = (norm2 > 0) & converged & (slope > _CLOSED_FORM_MIN_SLOPE * lam * lam * lam) & np.isfinite(q).all(0)
-    return _mm(_QUATERNION_MAP, (q[:, None] * q[None]).reshape(16, n_rows)), ok
+    with np.errstate(invalid="ignore"):  # NaN rows (flagged in ok) are replaced by the caller
+        return _mm(_QUATERNION_MAP, (q[:, None] * q[None]).reshape(16, n_rows)), ok
 
 
 def _rotation_components(h: np.ndarray) -> np.ndarray:
@@ -250,7 +290,7 @@ def _rotation_components(h: np.ndarray) -> np.ndarray:
     rot, ok = _rotation_closed_form(h)
     if not ok.all():
         hard = np.ascontiguousarray(h[:, ~ok].T).reshape(-1, 3, 3)
-        rot[:, ~ok] = _rotation_svd(torch.from_numpy(hard)).numpy().reshape(-1, 9).T
+        rot[:, ~ok] = _rotation_svd(hard).reshape(-1, 9).T
     return rot
 
 
@@ -263,7 +303,8 @@ def best_rotation(cov):
     with the SVD for the rows it flags as ill-conditioned (there the optimum is not unique, or nearly so, and
     the SVD's choice is kept). Same kind / dtype / device as ``cov``.
     """
-    if isinstance(cov, torch.Tensor):
+    if _is_tensor(cov):
+        torch = sys.modules["torch"]
         if cov.requires_grad and torch.is_grad_enabled():
             return _rotation_svd(cov)
         rot = best_rotation(cov.detach().to("cpu", torch.float64).numpy())
@@ -284,41 +325,58 @@ def kabsch(P, Q, mask=None):
         Where the total weight is 0, R = I and t = 0 (like TMscore's u3b).
     NumPy in -> NumPy float64 out; torch in -> torch out in the input dtype (differentiable).
     """
-    dtype = P.dtype if isinstance(P, torch.Tensor) and P.is_floating_point() else torch.float64
-    p, q = _to_torch(P, dtype), _to_torch(Q, dtype)
-    w = torch.ones(p.shape[:-1], dtype=dtype, device=p.device) if mask is None else _to_torch(mask, dtype)
-    w = w.to(p.device)
-    total = w.sum(-1, keepdim=True)  # (..., 1)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
+    xp = _xp(P, Q, mask)
+    if xp is np:
+        dtype, device = np.float64, None
+    else:
+        dtype = P.dtype if _is_tensor(P) and P.is_floating_point() else xp.float64
+        device = P.device if _is_tensor(P) else None
+    p = _as(xp, P, dtype, device)
+    q = _as(xp, Q, dtype, p.device if xp is not np else None)
+    w = xp.ones_like(p[..., 0]) if mask is None else _as(xp, mask, dtype, p.device if xp is not np else None)
+    total = w.sum(-1)[..., None]  # (..., 1)
+    safe = xp.where(total > 0, total, xp.ones_like(total))
     p_mean = (w[..., None] * p).sum(-2) / safe
     q_mean = (w[..., None] * q).sum(-2) / safe
     pc, qc = p - p_mean[..., None, :], q - q_mean[..., None, :]
-    h = (w[..., None] * pc).transpose(-1, -2) @ qc  # (..., 3, 3) covariance, sum_i w_i p_i q_i^T
+    h = (w[..., None] * pc).swapaxes(-1, -2) @ qc  # (..., 3, 3) covariance, sum_i w_i p_i q_i^T
     rot = best_rotation(h)
     empty = (total[..., 0] <= 0)[..., None, None]
-    rot = torch.where(empty, torch.eye(3, dtype=dtype, device=p.device).expand_as(rot), rot)
-    trans = q_mean - (p_mean[..., None, :] @ rot.transpose(-1, -2))[..., 0, :]
-    trans = torch.where(empty[..., 0], torch.zeros_like(trans), trans)
-    return _like(rot, P), _like(trans, P)
+    identity = xp.zeros_like(rot)
+    identity[..., [0, 1, 2], [0, 1, 2]] = 1
+    rot = xp.where(empty, identity, rot)
+    trans = q_mean - (p_mean[..., None, :] @ rot.swapaxes(-1, -2))[..., 0, :]
+    trans = xp.where(empty[..., 0], xp.zeros_like(trans), trans)
+    if xp is not np and not _is_tensor(P):  # torch only because Q / mask were tensors: P's kind wins
+        return rot.detach().cpu().numpy(), trans.detach().cpu().numpy()
+    return rot, trans
 
 
 def superpose(P, R, t):
     """Apply ``(R, t)`` from :func:`kabsch` to ``P`` (..., N, 3)."""
-    if isinstance(P, torch.Tensor):
+    if _is_tensor(P):
         return P @ R.transpose(-1, -2) + t[..., None, :]
     return np.asarray(P) @ np.swapaxes(R, -1, -2) + np.asarray(t)[..., None, :]
 
 
 def rmsd(P, Q, mask=None, superimpose: bool = True):
     """RMSD (Å) between matched rows of P and Q (..., N, 3) over ``mask``, after Kabsch if ``superimpose``."""
-    p, q = _to_torch(P, torch.float64), _to_torch(Q, torch.float64)
-    w = torch.ones(p.shape[:-1], dtype=torch.float64) if mask is None else _to_torch(mask, torch.float64)
+    xp = _xp(P, Q, mask)
+    float64 = np.float64 if xp is np else xp.float64
+    p = _as(xp, P, float64)
+    q = _as(xp, Q, float64, None if xp is np else p.device)
+    w = xp.ones_like(p[..., 0]) if mask is None else _as(xp, mask, float64, None if xp is np else p.device)
     if superimpose:
         rot, trans = kabsch(p, q, w)
         p = superpose(p, rot, trans)
     sq = ((p - q) ** 2).sum(-1)
-    value = torch.sqrt((w * sq).sum(-1) / w.sum(-1).clamp(min=1e-12))
-    return _like(value, P) if value.ndim else float(value)
+    weight = w.sum(-1)
+    value = xp.sqrt((w * sq).sum(-1) / xp.where(weight > 1e-12, weight, xp.full_like(weight, 1e-12)))
+    if not value.ndim:
+        return float(value)
+    if xp is not np and not _is_tensor(P):  # torch only because Q / mask were tensors: P's kind wins
+        return value.detach().cpu().numpy()
+    return value
 
 
 # -------------------------------------------------------------------------------------------- TM-score
@@ -404,8 +462,8 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     Returns ``tm`` (float) and ``gdt`` (5,) best counts for 0.5/1/2/4/8 Å.
 
     Everything per candidate is component-major ((k, C) arrays). NumPy does the compares and reductions on
-    the (C candidates, n pairs) distance matrix (~3x faster than torch's at these sizes); torch does the two
-    GEMMs per round (fits' sums, squared distances) and the TM terms.
+    the (C candidates, n pairs) distance matrix (~3x faster than torch's at these sizes); the two GEMMs per
+    round (fits' sums, squared distances) run on one BLAS thread (the caller's :func:`_single_threaded_blas`).
     """
     n = x.shape[0]
     x = x - x.mean(0)  # centring keeps the expanded distance formula precise
@@ -453,10 +511,11 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
                 third = np.sqrt(np.partition(close, 2, axis=1)[:, 2])
                 cutoff = base + 0.5 * (np.floor((third - base) / 0.5) + 1.0)
                 new_mask[few] = close < (cutoff * cutoff)[:, None]
-        # TM terms 1 / (1 + d^2 / d0^2) = d0^2 / (d0^2 + d^2), in place (torch: ~5x faster than NumPy here);
-        # dist2 is not used below. The clamp only matters here: rounding can leave d^2 slightly below 0
-        # (a term above 1), which no cutoff above sees.
-        terms = torch.from_numpy(dist2).clamp_(min=0.0).add_(d02).reciprocal_()
+        # TM terms 1 / (1 + d^2 / d0^2) = d0^2 / (d0^2 + d^2), in place (dist2 is not used below). The clamp
+        # only matters here: rounding can leave d^2 slightly below 0 (a term above 1), which no cutoff above sees.
+        terms = np.maximum(dist2, 0.0, out=dist2)
+        terms += d02
+        np.reciprocal(terms, out=terms)
         best_tm = max(best_tm, float(terms.sum(-1).max()) * d02 / l_ref)
         if step == max_iter:
             break
@@ -481,7 +540,7 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
         if follow.size == 0:
             break
         packed = new_packed[follow]
-        # sums = (mask @ feats)^T = feats^T @ mask^T: that GEMM shape is ~2x faster than mask @ feats in torch.
+        # sums = (mask @ feats)^T = feats^T @ mask^T: that GEMM shape is ~2x faster than mask @ feats.
         sums = _mm(feats_t, new_mask[follow].astype(np.float64).T)
     return {"tm": best_tm, "gdt": best_gdt}
 
@@ -499,37 +558,31 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
     Rows are used in the given order: seed fragments slide along the aligned rows as TMscore slides
     along its residue pairs.
     """
-    x = _to_torch(pred_ca, torch.float64)
-    y = _to_torch(ref_ca, torch.float64)
+    x = _as(np, pred_ca, np.float64)
+    y = _as(np, ref_ca, np.float64)
     n_batch, width = x.shape[:2]
-    valid = torch.ones((n_batch, width), dtype=torch.bool) if mask is None else _to_torch(mask).bool()
+    valid = np.ones((n_batch, width), dtype=bool) if mask is None else _as(np, mask) != 0
     n_ali = valid.sum(-1)
     if (n_ali == 0).any():
         raise ValueError("tm_score: no aligned residue pairs (mask is empty)")
-    l_ref_t = torch.full((n_batch,), float(width), dtype=torch.float64) if l_ref is None else (
-        _to_torch(l_ref, torch.float64).reshape(n_batch)
-    )
+    l_ref_all = np.full(n_batch, float(width)) if l_ref is None else _as(np, l_ref, np.float64).reshape(n_batch)
     results = []
-    for b in range(n_batch):
-        keep = valid[b]
-        xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the search is many small ops: extra threads only add sync overhead
-        try:
-            found = _tm_search(xb.numpy(), yb.numpy(), float(l_ref_t[b]), max_iter=max_iter)
-        finally:
-            torch.set_num_threads(previous_threads)
-        frac = torch.from_numpy(found["gdt"]).to(torch.float64) / l_ref_t[b]  # 0.5, 1, 2, 4, 8 Å
-        results.append(
-            {
-                "tm_score": float(found["tm"]),
-                "gdt_ts": float(frac[1:5].mean()),
-                "gdt_ha": float(frac[0:4].mean()),
-                "rmsd": float(rmsd(xb, yb)),
-                "n_aligned": int(n_ali[b]),
-                "l_ref": int(l_ref_t[b]),
-            }
-        )
+    with _single_threaded_blas():  # the search is many small ops: extra threads only add sync overhead
+        for b in range(n_batch):
+            keep = valid[b]
+            xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
+            found = _tm_search(xb, yb, float(l_ref_all[b]), max_iter=max_iter)
+            frac = found["gdt"].astype(np.float64) / l_ref_all[b]  # 0.5, 1, 2, 4, 8 Å
+            results.append(
+                {
+                    "tm_score": float(found["tm"]),
+                    "gdt_ts": float(frac[1:5].mean()),
+                    "gdt_ha": float(frac[0:4].mean()),
+                    "rmsd": float(rmsd(xb, yb)),
+                    "n_aligned": int(n_ali[b]),
+                    "l_ref": int(l_ref_all[b]),
+                }
+            )
     return results
 
 
@@ -539,9 +592,9 @@ def tm_score(pred_ca, ref_ca, mask=None, l_ref: int | None = None, max_iter: int
     pred_ca, ref_ca: (N, 3) matched CA rows; mask: (N,) aligned pairs; l_ref: reference length
     (default N - pass the full reference length when the rows cover only the aligned residues).
     """
-    x = _to_torch(pred_ca, torch.float64)[None]
-    y = _to_torch(ref_ca, torch.float64)[None]
-    m = None if mask is None else _to_torch(mask).bool()[None]
+    x = _as(np, pred_ca, np.float64)[None]
+    y = _as(np, ref_ca, np.float64)[None]
+    m = None if mask is None else (_as(np, mask) != 0)[None]
     lengths = None if l_ref is None else [l_ref]
     return tm_score_batch(x, y, m, lengths, max_iter=max_iter)[0]
 
@@ -703,7 +756,7 @@ def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, 
 
 
 def _numpy(x, dtype=None) -> np.ndarray:
-    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    array = x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
     return array if dtype is None else array.astype(dtype, copy=False)
 
 
@@ -744,7 +797,7 @@ def lddt(
         group = np.arange(pred.shape[0])
         preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds)
         result = _finish(preserved, total, None, pred.shape[0], len(thresholds), per_residue, math.nan)
-        return _like(torch.from_numpy(result), pred_pos) if per_residue else float(result)
+        return _like(result, pred_pos) if per_residue else float(result)
     n_res = pred.shape[0]
     atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
     ref_atoms = ref[atom_res, atom_type]
@@ -758,7 +811,7 @@ def lddt(
         pairs=pairs,
     )
     result = _finish(preserved, total, atom_res, n_res, len(thresholds), per_residue, math.nan)
-    return _like(torch.from_numpy(result), pred_pos) if per_residue else float(result)
+    return _like(result, pred_pos) if per_residue else float(result)
 
 
 def lddt_ca(
@@ -780,6 +833,8 @@ def lddt_ca(
         No gradient (lDDT is a count). Computed in float64 by the NumPy core on the CPU (CA pair lists
         are small: a host copy of (B, L, 3) per call).
     """
+    import torch  # the inputs are tensors: torch is loaded already
+
     ref_mask = _numpy(mask) > 0
     pmask = np.ones_like(ref_mask) if pred_mask is None else _numpy(pred_mask) > 0
     group = np.arange(pred_ca.shape[-2])
