@@ -631,7 +631,9 @@ def _contact_pairs(
         for lo in range(0, n_atoms, chunk):
             # Upper triangle only: rows lo:lo+chunk against columns lo: (pairs i < j are kept below).
             width = n_atoms - lo
-            flat = np.flatnonzero(_mm(rows[lo : lo + chunk], cols[:, lo:]) <= limit)
+            with _single_threaded_blas():
+                product = _mm(rows[lo : lo + chunk], cols[:, lo:])
+            flat = np.flatnonzero(product <= limit)
             i, j = np.divmod(flat, width)
             i += b * n_atoms + lo
             j += b * n_atoms + lo
