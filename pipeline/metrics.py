@@ -772,6 +772,7 @@ def lddt(
     per_residue: bool = False,
     cutoff: float = LDDT_INCLUSION_RADIUS,
     thresholds: Sequence[float] = LDDT_THRESHOLDS,
+    contacts: tuple | None = None,
 ):
     """lDDT of a model against a reference, OpenStructure conventions.
 
@@ -788,23 +789,31 @@ def lddt(
     threshold t in (0.5, 1, 2, 4) when |d_ref - d_model| <= t; atoms missing in the model fail.
     The global score is the fraction of passed (pair, threshold) tests (not the mean of residues).
     NumPy or torch in; per-residue scores come back as the same kind (float64).
+    contacts: :func:`lddt_contacts` of this reference (same ``ref_pos``, ``ref_mask``, ``ca_only`` and
+    ``cutoff``): the pair search, most of the work, then runs once for many models of one reference.
     """
-    pred, ref = _numpy(pred_pos, np.float64), _numpy(ref_pos, np.float64)
-    pmask, rmask = _numpy(pred_mask) > 0, _numpy(ref_mask) > 0
-    if ca_only or pred.ndim == 2:
+    pred = _numpy(pred_pos, np.float64)
+    pmask = _numpy(pred_mask) > 0
+    ca_only = ca_only or pred.ndim == 2
+    if contacts is None:
+        contacts = lddt_contacts(ref_pos, ref_mask, ca_only=ca_only, cutoff=cutoff)
+    kind, ref, rest = contacts[0], contacts[1], contacts[2:]
+    if kind != ("ca" if ca_only else "all") or ref.shape[0] != pred.shape[0]:
+        raise ValueError(f"lddt: contacts are for a {kind} reference of {ref.shape[0]} residues")
+    if ca_only:
         if pred.ndim == 3:
-            pred, ref = pred[:, CA_INDEX], ref[:, CA_INDEX]
+            pred = pred[:, CA_INDEX]
         if pmask.ndim == 2:
-            pmask, rmask = pmask[:, CA_INDEX], rmask[:, CA_INDEX]
+            pmask = pmask[:, CA_INDEX]
+        rmask, pairs = rest
         group = np.arange(pred.shape[0])
-        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds)
+        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs)
         result = _finish(preserved, total, None, pred.shape[0], len(thresholds), per_residue, math.nan)
         return _like(result, pred_pos) if per_residue else float(result)
     n_res = pred.shape[0]
-    atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
+    atom_res, atom_type, pairs = rest
     ref_atoms = ref[atom_res, atom_type]
     present = np.ones(atom_res.shape, dtype=bool)
-    pairs = _contact_pairs(ref_atoms[None], present[None], atom_res[None], cutoff)  # shared by both steps
     if aatype is not None:
         pred, pmask = _resolve_symmetry(pred, pmask, atom_res, atom_type, _numpy(aatype, np.int64), pairs,
                                         thresholds)
@@ -814,6 +823,26 @@ def lddt(
     )
     result = _finish(preserved, total, atom_res, n_res, len(thresholds), per_residue, math.nan)
     return _like(result, pred_pos) if per_residue else float(result)
+
+
+def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT_INCLUSION_RADIUS) -> tuple:
+    """The reference's side of :func:`lddt`: its atoms and every pair within ``cutoff`` (an opaque tuple).
+
+    ref_pos: (L, 37, 3) atom37 or (L, 3) CA coordinates; ref_mask: (L, 37) or (L,). Pass the result as
+    ``lddt(..., contacts=)`` when scoring several models against one reference.
+    """
+    ref, rmask = _numpy(ref_pos, np.float64), _numpy(ref_mask) > 0
+    if ca_only or ref.ndim == 2:
+        if ref.ndim == 3:
+            ref = ref[:, CA_INDEX]
+        if rmask.ndim == 2:
+            rmask = rmask[:, CA_INDEX]
+        group = np.arange(ref.shape[0])
+        return "ca", ref, rmask, _contact_pairs(ref[None], rmask[None], group[None], cutoff)
+    atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
+    present = np.ones(atom_res.shape, dtype=bool)
+    pairs = _contact_pairs(ref[atom_res, atom_type][None], present[None], atom_res[None], cutoff)  # shared by both steps
+    return "all", ref, atom_res, atom_type, pairs
 
 
 def lddt_ca(

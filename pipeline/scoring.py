@@ -92,12 +92,34 @@ def _sequence_pairs(model_seq: str, ref_seq: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") -> dict:
+class ReferenceContacts:
+    """lDDT pair lists of reference chains (:func:`pipeline.metrics.lddt_contacts`), computed once per chain.
+
+    Batch scoring compares many models with a few references; the pair search is most of lDDT's work. Keys
+    are the chain objects' ids, and each entry keeps its chain alive so that an id is never reused.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[ProteinChain, tuple, tuple]] = {}
+
+    def get(self, ref: ProteinChain) -> tuple[tuple, tuple]:
+        """(all-atom contacts, CA contacts) of ``ref``."""
+        entry = self._entries.get(id(ref))
+        if entry is None or entry[0] is not ref:
+            entry = (ref, metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask),
+                     metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask, ca_only=True))
+            self._entries[id(ref)] = entry
+        return entry[1], entry[2]
+
+
+def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto",
+                 contacts: ReferenceContacts | None = None) -> dict:
     """All metrics of ``model`` against ``ref`` (normalised by the reference's observed residues).
 
     Returns a dict with ``tm_score, gdt_ts, gdt_ha, rmsd`` (CA, TMscore search / Kabsch RMSD over the
     matched residues), ``lddt`` (all-atom) and ``lddt_ca`` (OST conventions; reference residues missing
     in the model count as not preserved), ``n_aligned`` and ``l_ref``.
+    ``contacts``: a :class:`ReferenceContacts` shared by the calls of a batch (same values, less work).
     Raises ValueError naming both structures when no residue can be matched.
     """
     model_idx, ref_idx = match_residues(model, ref, align)
@@ -120,8 +142,10 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") ->
     same_type = model.aatype[model_idx] == ref.aatype[ref_idx]
     # A mutated residue keeps only the atoms both residue types share (by atom37 name).
     pred_mask[ref_idx] = model.atom37_mask[model_idx] * np.where(same_type[:, None], 1.0, ref.atom37_mask[ref_idx])
-    lddt_all = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, aatype=ref.aatype)
-    lddt_ca = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, ca_only=True)
+    all_atom, ca = (contacts or ReferenceContacts()).get(ref)
+    lddt_all = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, aatype=ref.aatype,
+                            contacts=all_atom)
+    lddt_ca = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, ca_only=True, contacts=ca)
     return {
         "tm_score": found["tm_score"],
         "gdt_ts": found["gdt_ts"],
@@ -153,12 +177,13 @@ def score_pair(
     return _score_files(model_path, ref_path, chain1, chain2, model1, model2, align, read_chain)
 
 
-def _score_files(model_path, ref_path, chain1, chain2, model1: int, model2: int, align: str, read: Callable) -> dict:
+def _score_files(model_path, ref_path, chain1, chain2, model1: int, model2: int, align: str, read: Callable,
+                 contacts: ReferenceContacts | None = None) -> dict:
     """:func:`score_pair` with the chain reader as a parameter (``read(path, chain=, model=)``)."""
     model = read(model_path, chain=chain1, model=model1)
     ref = read(ref_path, chain=chain2, model=model2)
     try:
-        return score_chains(model, ref, align=align)
+        return score_chains(model, ref, align=align, contacts=contacts)
     except ValueError as exc:
         if "no common residues" in str(exc):
             raise ValueError(f"{model_path} vs {ref_path}: residues: no common residues (align={align!r})") from exc
@@ -247,10 +272,12 @@ def score_table(
         return p if p.is_absolute() else base / p
 
     read = _cached_reader()  # for this call only: files may change between calls
+    contacts = ReferenceContacts()  # keyed by the cached chains: one pair search per reference
 
     def score_row(row) -> dict:
         result = _score_files(
-            resolve(row["model"]), resolve(row["ref"]), _cell(row, "chain1"), _cell(row, "chain2"), 1, 1, align, read
+            resolve(row["model"]), resolve(row["ref"]), _cell(row, "chain1"), _cell(row, "chain2"), 1, 1, align, read,
+            contacts,
         )
         return {"id": row["id"], **result}
 
@@ -303,13 +330,19 @@ def score_predictions(
         path = Path(npz) if npz else Path("chains") / f"{chain_id}.npz"
         return path if path.is_absolute() else dataset_dir / path
 
+    natives: dict[Path, ProteinChain] = {}  # several runs' predictions of one chain share its native
+    contacts = ReferenceContacts()
+
     def score_row(row) -> dict:
         pdb = Path(row["pdb"])
         pdb = pdb if pdb.is_absolute() else predictions_csv.parent / pdb
         model = read_chain(pdb)
-        native = _load_native(native_path(row["chain_id"]))
+        path = native_path(row["chain_id"])
+        if path not in natives:
+            natives[path] = _load_native(path)
+        native = natives[path]
         try:
-            result = score_chains(model, native, align=align)
+            result = score_chains(model, native, align=align, contacts=contacts)
         except ValueError as exc:
             raise ValueError(f"{pdb} vs {native.source_file}: {exc}") from exc
         plddt = row.get("mean_plddt", np.nan)
