@@ -120,9 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(csv, "id,model,ref\n" + "".join(f"{i},{m},{r}\n" for i, (m, r) in enumerate(pairs)))
         chains = [(read_chain(m), read_chain(r)) for m, r in pairs]
         arrays = []
+        ca = metrics.CA_INDEX
         for model, ref in chains:
+            # What score_chains hands the core: matched residues observed in both, L_ref = observed reference
+            # residues (chains are full length: unobserved positions have no coordinates).
             mi, ri = scoring.match_residues(model, ref)
-            arrays.append((model.atom37_positions[mi, 1], ref.atom37_positions[ri, 1], len(ref)))
+            both = (model.atom37_mask[mi, ca] > 0) & (ref.atom37_mask[ri, ca] > 0)
+            mi, ri = mi[both], ri[both]
+            l_ref = int((ref.atom37_mask[:, ca] > 0).sum())
+            arrays.append((model.atom37_positions[mi, ca], ref.atom37_positions[ri, ca], l_ref))
 
         def foldtune_core():
             return [metrics.tm_score(x, y, l_ref=l) for x, y, l in arrays]
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = foldtune_core()
         theirs = tmscore_cli()
         diffs = {key: max(abs(a[key] - b[key]) for a, b in zip(ours, theirs)) for key in theirs[0]}
-        lengths = [len(ref) for _, ref in chains]
+        lengths = [l_ref for _, _, l_ref in arrays]
 
         log("timing")
         timings = time_interleaved(

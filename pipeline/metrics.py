@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -104,6 +105,39 @@ def _single_threaded_blas() -> Iterator[None]:
         _blas_controller = ThreadpoolController()
     with _blas_controller.limit(limits=1, user_api="blas"):
         yield
+
+
+# Compiled kernels (pipeline/kernels.py, numba): off until a batch entry point asks for them
+# (use_compiled_kernels), because numba's import + loading the cached machine code (~0.3-0.5 s) is more than
+# scoring one pair takes. FOLDTUNE_COMPILED=0 keeps them off, =1 turns them on from the start.
+_compiled_wanted: bool = os.environ.get("FOLDTUNE_COMPILED", "") == "1"
+_compiled_module = None
+
+
+def use_compiled_kernels(enabled: bool = True) -> bool:
+    """Use the numba kernels from now on in this process (same results, faster on many pairs).
+
+    Batch scoring (``scoring.score_table`` / ``score_predictions``, ``tm_score_batch`` of several pairs) calls
+    this. Returns whether the kernels are active (False when numba is not installed or FOLDTUNE_COMPILED=0).
+    """
+    global _compiled_wanted
+    _compiled_wanted = bool(enabled) and os.environ.get("FOLDTUNE_COMPILED", "") != "0"
+    return _kernels() is not None
+
+
+def _kernels():
+    """The kernels module when wanted and importable, else None (the NumPy code runs)."""
+    global _compiled_module
+    if not _compiled_wanted:
+        return None
+    if _compiled_module is None:
+        try:
+            from pipeline import kernels
+        except ImportError:  # numba missing: NumPy only
+            _compiled_module = False
+        else:
+            _compiled_module = kernels
+    return _compiled_module or None
 
 
 def _mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -694,10 +728,17 @@ def _lddt_counts(
         pairs = _contact_pairs(ref.reshape(-1, n_atoms, 3), ref_mask.reshape(-1, n_atoms),
                                np.broadcast_to(group, shape).reshape(-1, n_atoms), cutoff)
     i, j, d_ref = pairs
-    coords, present = np.ascontiguousarray(pred.reshape(-1, 3).T), pred_mask.reshape(-1)
+    present = pred_mask.reshape(-1)
+    size = present.shape[0]
+    kernels = _kernels()
+    if kernels is not None:
+        preserved, total = np.zeros(size), np.zeros(size)
+        kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present), i, j,
+                                 d_ref, np.asarray(thresholds, dtype=np.float64), preserved, total)
+        return preserved.reshape(shape), total.reshape(shape)
+    coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
     passed = _passed(d_ref, _distances(coords, i, j), present[i] & present[j], thresholds)
     # Each unordered pair counts for both of its atoms.
-    size = coords.shape[1]
     preserved = np.bincount(i, passed, size) + np.bincount(j, passed, size)
     total = np.bincount(i, minlength=size) + np.bincount(j, minlength=size)
     return preserved.reshape(shape), total.reshape(shape).astype(np.float64)
@@ -731,9 +772,15 @@ def _resolve_symmetry(
     coords, present = np.ascontiguousarray(pred.reshape(-1, 3).T), pred_mask.reshape(-1)
     other = atom_res[o] * n_types + atom_type[o]  # flat atom37 index of the non-symmetric partner
     res_s = atom_res[s]
+    kernels = _kernels()
 
     def score(atom: np.ndarray) -> np.ndarray:
         index = res_s * n_types + atom
+        if kernels is not None:
+            out = np.zeros(n_res)
+            kernels.lddt_group_passes(np.ascontiguousarray(coords.T), np.ascontiguousarray(present), index, other,
+                                      d_ref, np.asarray(thresholds, dtype=np.float64), res_s, out)
+            return out
         passed = _passed(d_ref, _distances(coords, index, other), present[index] & present[other], thresholds)
         return np.bincount(res_s, passed, n_res)
 

@@ -271,6 +271,7 @@ def score_table(
         p = Path(path)
         return p if p.is_absolute() else base / p
 
+    metrics.use_compiled_kernels()  # many pairs: numba's load time pays off
     read = _cached_reader()  # for this call only: files may change between calls
     contacts = ReferenceContacts()  # keyed by the cached chains: one pair search per reference
 
@@ -330,6 +331,7 @@ def score_predictions(
         path = Path(npz) if npz else Path("chains") / f"{chain_id}.npz"
         return path if path.is_absolute() else dataset_dir / path
 
+    metrics.use_compiled_kernels()  # many pairs: numba's load time pays off
     natives: dict[Path, ProteinChain] = {}  # several runs' predictions of one chain share its native
     contacts = ReferenceContacts()
 
