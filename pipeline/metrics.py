@@ -525,6 +525,9 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=(n + 7) // 8, dtype=np.int64)
     d02 = d0 * d0
     seen = np.zeros(0, dtype=np.int64)
+    kernels = _kernels()
+    if kernels is not None:  # the same search, each round's (candidates x pairs) work in one compiled pass
+        return _tm_search_compiled(kernels, x, y, l_ref, d0, d0_search, feats_t, sums, max_iter)
     # Work buffers for the largest round (the seeds); later rounds use their first rows.
     dist_buffer = np.empty((sums.shape[1], n))
     below_buffer = np.empty((sums.shape[1], n), dtype=bool)
@@ -559,23 +562,79 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
             new_mask, new_packed = new_mask[moving], new_packed[moving]
         if new_mask.shape[0] == 0:
             break
-        # A pair set already reached (at this round or an earlier one, i.e. with at least as many rounds
-        # left) has a known future: fits are a function of the pair set alone. Follow each set once.
-        keys = new_packed.astype(np.int64) @ hash_weights
-        order = np.argsort(keys, kind="stable")
-        ordered = keys[order]
-        first = np.ones(ordered.size, dtype=bool)  # first candidate of each distinct set
-        first[1:] = ordered[1:] != ordered[:-1]
-        unique, follow = ordered[first], order[first]
-        at = np.searchsorted(seen, unique)  # seen: sorted keys of every set followed so far
-        fresh = seen[np.minimum(at, seen.size - 1)] != unique if seen.size else np.ones(unique.size, dtype=bool)
-        unique, follow = unique[fresh], follow[fresh]
-        seen = np.sort(np.concatenate([seen, unique]))
+        follow, seen = _new_pair_sets(new_packed.astype(np.int64) @ hash_weights, seen)
         if follow.size == 0:
             break
         packed = new_packed[follow]
         # sums = (mask @ feats)^T = feats^T @ mask^T: that GEMM shape is ~2x faster than mask @ feats.
         sums = _mm(feats_t, new_mask[follow].astype(np.float64).T)
+    return {"tm": best_tm, "gdt": best_gdt}
+
+
+def _new_pair_sets(keys: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates to follow: the first of each distinct pair set (by 64-bit key) not followed before.
+
+    A pair set already reached (at this round or an earlier one, i.e. with at least as many rounds left)
+    has a known future: fits are a function of the pair set alone. Returns (indices into keys, the sorted
+    keys of every set followed so far, these included).
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.ones(ordered.size, dtype=bool)  # first candidate of each distinct set
+    first[1:] = ordered[1:] != ordered[:-1]
+    unique, follow = ordered[first], order[first]
+    at = np.searchsorted(seen, unique)  # seen: sorted keys of every set followed so far
+    fresh = seen[np.minimum(at, seen.size - 1)] != unique if seen.size else np.ones(unique.size, dtype=bool)
+    unique, follow = unique[fresh], follow[fresh]
+    return follow, np.sort(np.concatenate([seen, unique]))
+
+
+def _fit_from_sums_compiled(kernels, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_fit_from_sums` by ``kernels.kabsch_fits`` (same closed form, row by row); rows it flags go
+    through the NumPy function (closed form, SVD where that flags them too)."""
+    n_rows = sums.shape[1]
+    rot, trans, ok = np.empty((3, 3, n_rows)), np.empty((3, n_rows)), np.empty(n_rows, dtype=bool)
+    kernels.kabsch_fits(np.ascontiguousarray(sums), _CLOSED_FORM_MIN_SLOPE, rot, trans, ok)
+    if not ok.all():
+        hard = np.flatnonzero(~ok)
+        rot[:, :, hard], trans[:, hard] = _fit_from_sums(np.ascontiguousarray(sums[:, hard]))
+    return rot, trans
+
+
+def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, d0: float, d0_search: float,
+                        feats_t: np.ndarray, sums: np.ndarray, max_iter: int) -> dict:
+    """:func:`_tm_search` with each round's distance / GDT / TM / next-pair-set work in ``kernels.tm_round``.
+
+    Same rules and bookkeeping; distances are computed directly as |R x + t - y|^2 (the NumPy path expands
+    them into one GEMM), so results agree to rounding (tests/test_metrics_compiled.py).
+    """
+    n = x.shape[0]
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    cut2 = np.square(np.asarray(_GDT_CUTOFFS, dtype=np.float64))
+    d02 = d0 * d0
+    best_tm, best_sum = -1.0, -1.0  # best_sum: the largest TM row sum so far (best_tm = best_sum d0^2 / L_ref)
+    best_gdt = np.full(len(_GDT_CUTOFFS), -1, dtype=np.int64)
+    pair_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=n, dtype=np.int64)
+    seen = np.zeros(0, dtype=np.int64)
+    mask_buffer = np.empty((sums.shape[1], n), dtype=np.uint8)
+    previous = np.zeros((0, n), dtype=np.uint8)  # pair sets of the candidates (none for the seeds)
+    for step in range(max_iter + 1):
+        rot, trans = _fit_from_sums_compiled(kernels, sums)
+        n_rows = sums.shape[1]
+        mask, changed, keys = mask_buffer[:n_rows], np.empty(n_rows, dtype=bool), np.empty(n_rows, dtype=np.int64)
+        base = d0_search + (1.0 if step > 0 else -1.0)
+        row_tm = kernels.tm_round(np.ascontiguousarray(rot), np.ascontiguousarray(trans), x, y, d02, cut2, base,
+                                  n > 3 and step < max_iter, previous, step > 0, pair_weights, mask, changed, keys,
+                                  best_gdt, best_sum)
+        best_sum = max(best_sum, row_tm)
+        best_tm = max(best_tm, row_tm * d02 / l_ref)
+        if step == max_iter or not changed.any():
+            break
+        follow, seen = _new_pair_sets(keys[changed], seen)
+        if follow.size == 0:
+            break
+        previous = mask[np.flatnonzero(changed)[follow]]
+        sums = _mm(feats_t, previous.astype(np.float64).T)
     return {"tm": best_tm, "gdt": best_gdt}
 
 
@@ -600,6 +659,8 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
     if (n_ali == 0).any():
         raise ValueError("tm_score: no aligned residue pairs (mask is empty)")
     l_ref_all = np.full(n_batch, float(width)) if l_ref is None else _as(np, l_ref, np.float64).reshape(n_batch)
+    if n_batch > 1:
+        use_compiled_kernels()  # several pairs: the compiled search repays its load time (same results)
     results = []
     with _single_threaded_blas():  # the search is many small ops: extra threads only add sync overhead
         for b in range(n_batch):

@@ -48,3 +48,47 @@ def test_lddt_kernels_equal_numpy(numpy_then_compiled):
     for a, b in zip(plain, compiled):
         np.testing.assert_array_equal(a, b)
     assert 0.3 < plain[0] < 0.99
+
+
+def test_tm_search_kernels_agree_with_numpy(numpy_then_compiled):
+    """TM-score / GDT / RMSD of the compiled search equal the NumPy search's on real and perturbed pairs."""
+    rng = np.random.default_rng(1)
+    cases = []
+    for model_name, ref_name, chain in (("7w1f_B_model.pdb", "7w1f_B_target.pdb", None),
+                                        ("7sgn_C_model.pdb", "7sgn_C_target.pdb", None),
+                                        ("1tii.pdb", "1tii.pdb", ("D", "E")),
+                                        ("1l2y.pdb", "1l2y.pdb", None)):
+        model = read_chain(SHARED_STRUCTURES / model_name, chain=chain[0] if chain else None)
+        ref = read_chain(SHARED_STRUCTURES / ref_name, chain=chain[1] if chain else None,
+                         model=2 if model_name == "1l2y.pdb" else 1)
+        mi, ri = scoring.match_residues(model, ref, "number")
+        both = (model.atom37_mask[mi, 1] > 0) & (ref.atom37_mask[ri, 1] > 0)
+        x, y = model.atom37_positions[mi[both], 1].astype(np.float64), ref.atom37_positions[ri[both], 1]
+        cases.append((x, y, int((ref.atom37_mask[:, 1] > 0).sum())))
+        for scale in (0.5, 2.0, 5.0):  # noisier copies: other trajectories, more rounds
+            cases.append((x + rng.normal(scale=scale, size=x.shape), y, cases[-1][2]))
+
+    def scores():
+        return [metrics.tm_score(x, y, l_ref=l_ref) for x, y, l_ref in cases]
+
+    plain, compiled = numpy_then_compiled(scores)
+    for a, b in zip(plain, compiled):
+        assert a["n_aligned"] == b["n_aligned"] and a["l_ref"] == b["l_ref"]
+        for key in ("tm_score", "gdt_ts", "gdt_ha", "rmsd"):
+            assert abs(a[key] - b[key]) <= 1e-9, (key, a, b)
+
+
+def test_batch_scoring_turns_kernels_on(tmp_path):
+    """tm_score_batch of several pairs switches the kernels on (when numba is there); one pair does not."""
+    metrics.use_compiled_kernels(False)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 30, 3)) * 8
+    try:
+        metrics.tm_score(x[0], x[0] + 0.1)
+        assert metrics._kernels() is None
+        both = metrics.tm_score_batch(x, x + rng.normal(scale=0.5, size=x.shape))
+        assert metrics._kernels() is not None
+        again = metrics.tm_score_batch(x, x + rng.normal(scale=0.5, size=x.shape))
+        assert len(both) == len(again) == 2
+    finally:
+        metrics.use_compiled_kernels(False)
