@@ -24,17 +24,15 @@ def _pair_distance(coords: np.ndarray, a: int, b: int) -> float:
 
 @numba.njit(cache=True, nogil=True)
 def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, i: np.ndarray, j: np.ndarray, d_ref: np.ndarray,
-                     thresholds: np.ndarray, preserved: np.ndarray, total: np.ndarray) -> None:
-    """Add each pair's passed thresholds to ``preserved[i]`` and ``preserved[j]``, and 1 to ``total`` of both.
+                     thresholds: np.ndarray, preserved: np.ndarray) -> None:
+    """Add each pair's passed thresholds to ``preserved[i]`` and ``preserved[j]`` (metrics._lddt_counts).
 
     coords (M, 3) float64 model atoms; present (M,) bool; i, j, d_ref (K,) the reference pairs;
-    preserved, total (M,) float64 accumulators (metrics._lddt_counts).
+    preserved (M,) float64 accumulator.
     """
     n_thresholds = thresholds.shape[0]
     for k in range(i.shape[0]):
         a, b = i[k], j[k]
-        total[a] += 1.0
-        total[b] += 1.0
         if not (present[a] and present[b]):
             continue
         diff = abs(d_ref[k] - _pair_distance(coords, a, b))

@@ -773,6 +773,7 @@ def _lddt_counts(
     cutoff: float,
     thresholds: Sequence[float],
     pairs: tuple[np.ndarray, ...] | None = None,
+    total: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-atom lDDT counts, the one lDDT core of the project.
 
@@ -781,7 +782,8 @@ def _lddt_counts(
     passed by pairs involving each atom, and ``total`` (..., M) = number of reference pairs of each atom
     (float64). A pair counts when both atoms are in the reference within ``cutoff`` (<=); it passes a
     threshold when both atoms are present in the model and | d_ref - d_model | <= threshold. ``pairs``:
-    :func:`_contact_pairs` of the flattened batch, when the caller already has it.
+    :func:`_contact_pairs` of the flattened batch, when the caller already has it; ``total``: its per-atom
+    pair counts (:func:`_pair_totals`, a property of the reference alone).
     """
     shape = pred.shape[:-1]
     n_atoms = shape[-1]
@@ -791,18 +793,24 @@ def _lddt_counts(
     i, j, d_ref = pairs
     present = pred_mask.reshape(-1)
     size = present.shape[0]
+    if total is None:
+        total = _pair_totals(i, j, size)
     kernels = _kernels()
     if kernels is not None:
-        preserved, total = np.zeros(size), np.zeros(size)
+        preserved = np.zeros(size)
         kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present), i, j,
-                                 d_ref, np.asarray(thresholds, dtype=np.float64), preserved, total)
+                                 d_ref, np.asarray(thresholds, dtype=np.float64), preserved)
         return preserved.reshape(shape), total.reshape(shape)
     coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
     passed = _passed(d_ref, _distances(coords, i, j), present[i] & present[j], thresholds)
     # Each unordered pair counts for both of its atoms.
     preserved = np.bincount(i, passed, size) + np.bincount(j, passed, size)
-    total = np.bincount(i, minlength=size) + np.bincount(j, minlength=size)
-    return preserved.reshape(shape), total.reshape(shape).astype(np.float64)
+    return preserved.reshape(shape), total.reshape(shape)
+
+
+def _pair_totals(i: np.ndarray, j: np.ndarray, size: int) -> np.ndarray:
+    """(size,) float64: number of reference pairs of each atom (each unordered pair counts for both)."""
+    return (np.bincount(i, minlength=size) + np.bincount(j, minlength=size)).astype(np.float64)
 
 
 def _resolve_symmetry(
@@ -812,27 +820,20 @@ def _resolve_symmetry(
     """Rename symmetric side-chain atoms of the model where that scores better (OST lDDTScorer rule).
 
     pred: (L, 37, 3); pred_mask: (L, 37) bool; atom_res, atom_type: (M,) residue and atom37 index of the
-    M reference atoms that take part; aatype (L,); pairs: their :func:`_contact_pairs` (batch of one).
+    M reference atoms that take part; aatype (L,); pairs: their :func:`_contact_pairs` (batch of one), or
+    already their :func:`_symmetry_pairs`.
     For each residue with a symmetric group, the group's atoms are scored against every non-symmetric
     reference atom of other residues under both namings; the swapped naming is kept only if strictly better.
     Decisions are independent per residue because only non-symmetric atoms are used as partners.
     Returns the renamed (pred, pred_mask).
     """
     n_res, n_types = pred.shape[:2]
-    swap = _SWAP[np.minimum(aatype, rc.restype_num)]  # (L, 37)
-    partner = swap[atom_res, atom_type]  # (M,) atom37 index each atom is renamed to
-    is_sym = partner != atom_type
-    if not is_sym.any():
+    symmetric = _symmetry_pairs(atom_res, atom_type, aatype, pairs) if not isinstance(pairs, dict) else pairs
+    if symmetric is None:
         return pred, pred_mask
-    i, j, d_ref = pairs
-    # Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o).
-    sym_i = is_sym[i]
-    mixed = sym_i != is_sym[j]
-    i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
-    s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
+    swap, res_s, own_s, partner_s, other, d_ref = (symmetric[k] for k in
+                                                   ("swap", "res_s", "own_s", "partner_s", "other", "d_ref"))
     coords, present = np.ascontiguousarray(pred.reshape(-1, 3).T), pred_mask.reshape(-1)
-    other = atom_res[o] * n_types + atom_type[o]  # flat atom37 index of the non-symmetric partner
-    res_s = atom_res[s]
     kernels = _kernels()
 
     def score(atom: np.ndarray) -> np.ndarray:
@@ -845,11 +846,34 @@ def _resolve_symmetry(
         passed = _passed(d_ref, _distances(coords, index, other), present[index] & present[other], thresholds)
         return np.bincount(res_s, passed, n_res)
 
-    flip = score(partner[s]) > score(atom_type[s])  # (L,)
+    flip = score(partner_s) > score(own_s)  # (L,)
     if not flip.any():
         return pred, pred_mask
     index = np.where(flip[:, None], swap, np.arange(n_types))
     return np.take_along_axis(pred, index[..., None], axis=1), np.take_along_axis(pred_mask, index, axis=1)
+
+
+def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndarray,
+                    pairs: tuple[np.ndarray, ...]) -> dict | None:
+    """The reference's side of :func:`_resolve_symmetry` (None when it has no symmetric side chain atom).
+
+    Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o): ``res_s`` residue of
+    s, ``own_s`` / ``partner_s`` its atom37 index under the file's and the swapped naming, ``other`` the flat
+    atom37 index (L * 37) of o, ``d_ref`` their reference distance; ``swap`` (L, 37) the renaming table.
+    """
+    n_types = rc.atom_type_num
+    swap = _SWAP[np.minimum(aatype, rc.restype_num)]  # (L, 37)
+    partner = swap[atom_res, atom_type]  # (M,) atom37 index each atom is renamed to
+    is_sym = partner != atom_type
+    if not is_sym.any():
+        return None
+    i, j, d_ref = pairs
+    sym_i = is_sym[i]
+    mixed = sym_i != is_sym[j]
+    i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
+    s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
+    return {"swap": swap, "res_s": atom_res[s], "own_s": atom_type[s], "partner_s": partner[s],
+            "other": atom_res[o] * n_types + atom_type[o], "d_ref": d_ref}
 
 
 def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, n_groups: int,
@@ -904,7 +928,8 @@ def lddt(
     pmask = _numpy(pred_mask) > 0
     ca_only = ca_only or pred.ndim == 2
     if contacts is None:
-        contacts = lddt_contacts(ref_pos, ref_mask, ca_only=ca_only, cutoff=cutoff)
+        contacts = lddt_contacts(ref_pos, ref_mask, ca_only=ca_only, cutoff=cutoff,
+                                 aatype=None if ca_only else aatype)
     kind, ref, rest = contacts[0], contacts[1], contacts[2:]
     if kind != ("ca" if ca_only else "all") or ref.shape[0] != pred.shape[0]:
         raise ValueError(f"lddt: contacts are for a {kind} reference of {ref.shape[0]} residues")
@@ -913,31 +938,36 @@ def lddt(
             pred = pred[:, CA_INDEX]
         if pmask.ndim == 2:
             pmask = pmask[:, CA_INDEX]
-        rmask, pairs = rest
+        rmask, pairs, total, _ = rest
         group = np.arange(pred.shape[0])
-        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs)
+        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs, total=total)
         result = _finish(preserved, total, None, pred.shape[0], len(thresholds), per_residue, math.nan)
         return _like(result, pred_pos) if per_residue else float(result)
     n_res = pred.shape[0]
-    atom_res, atom_type, pairs = rest
+    atom_res, atom_type, pairs, total, contacts_aatype, symmetric = rest
     ref_atoms = ref[atom_res, atom_type]
     present = np.ones(atom_res.shape, dtype=bool)
     if aatype is not None:
-        pred, pmask = _resolve_symmetry(pred, pmask, atom_res, atom_type, _numpy(aatype, np.int64), pairs,
-                                        thresholds)
+        aatype = _numpy(aatype, np.int64)
+        if contacts_aatype is None or not np.array_equal(contacts_aatype, aatype):
+            symmetric = _symmetry_pairs(atom_res, atom_type, aatype, pairs)
+        if symmetric is not None:
+            pred, pmask = _resolve_symmetry(pred, pmask, atom_res, atom_type, aatype, symmetric, thresholds)
     preserved, total = _lddt_counts(
         pred[atom_res, atom_type], ref_atoms, pmask[atom_res, atom_type], present, atom_res, cutoff, thresholds,
-        pairs=pairs,
+        pairs=pairs, total=total,
     )
     result = _finish(preserved, total, atom_res, n_res, len(thresholds), per_residue, math.nan)
     return _like(result, pred_pos) if per_residue else float(result)
 
 
-def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT_INCLUSION_RADIUS) -> tuple:
-    """The reference's side of :func:`lddt`: its atoms and every pair within ``cutoff`` (an opaque tuple).
+def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT_INCLUSION_RADIUS,
+                  aatype=None) -> tuple:
+    """The reference's side of :func:`lddt`: its atoms, every pair within ``cutoff``, each atom's pair count and
+    (with ``aatype``, all-atom) the symmetric side-chain pairs (an opaque tuple).
 
     ref_pos: (L, 37, 3) atom37 or (L, 3) CA coordinates; ref_mask: (L, 37) or (L,). Pass the result as
-    ``lddt(..., contacts=)`` when scoring several models against one reference.
+    ``lddt(..., contacts=)`` (with the same ``aatype``) when scoring several models against one reference.
     """
     ref, rmask = _numpy(ref_pos, np.float64), _numpy(ref_mask) > 0
     if ca_only or ref.ndim == 2:
@@ -946,11 +976,14 @@ def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT
         if rmask.ndim == 2:
             rmask = rmask[:, CA_INDEX]
         group = np.arange(ref.shape[0])
-        return "ca", ref, rmask, _contact_pairs(ref[None], rmask[None], group[None], cutoff)
+        pairs = _contact_pairs(ref[None], rmask[None], group[None], cutoff)
+        return "ca", ref, rmask, pairs, _pair_totals(pairs[0], pairs[1], ref.shape[0]), None
     atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
     present = np.ones(atom_res.shape, dtype=bool)
     pairs = _contact_pairs(ref[atom_res, atom_type][None], present[None], atom_res[None], cutoff)  # shared by both steps
-    return "all", ref, atom_res, atom_type, pairs
+    symmetric = None if aatype is None else _symmetry_pairs(atom_res, atom_type, _numpy(aatype, np.int64), pairs)
+    return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], atom_res.shape[0]),
+            None if aatype is None else _numpy(aatype, np.int64).copy(), symmetric)
 
 
 def lddt_ca(

@@ -106,7 +106,7 @@ class ReferenceContacts:
         """(all-atom contacts, CA contacts) of ``ref``."""
         entry = self._entries.get(id(ref))
         if entry is None or entry[0] is not ref:
-            entry = (ref, metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask),
+            entry = (ref, metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask, aatype=ref.aatype),
                      metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask, ca_only=True))
             self._entries[id(ref)] = entry
         return entry[1], entry[2]
