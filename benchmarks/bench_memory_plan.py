@@ -43,6 +43,11 @@ TRUNK = {"sequence_state_dim": 1024, "pairwise_state_dim": 128, "sequence_head_w
          "pairwise_head_width": 32,
          "structure_module": {"sequence_dim": 384, "pairwise_dim": 128, "ipa_dim": 16, "resnet_dim": 128,
                               "num_heads_ipa": 12, "num_qk_points": 4, "num_v_points": 8, "num_blocks": 8}}
+# `--widths tiny`: the project's tiny folding widths, for a smoke test of this script (numbers mean nothing).
+WIDTHS = {"v1": (STEM, TRUNK),
+          "tiny": ({"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64},
+                   {"sequence_state_dim": 64, "pairwise_state_dim": 32, "sequence_head_width": 16,
+                    "pairwise_head_width": 16})}
 FULL_LAYERS, FULL_BLOCKS = 36, 48
 GPU_SIZES_GB = (40, 80, 141)
 # (method, stem trained): what is measured. "frozen" = adapters on the trunk only, the stem not trained.
@@ -58,6 +63,7 @@ class Point:
     mode: str
     checkpointing: bool
     rank: int = 8
+    widths: str = "v1"
 
 
 def _structures() -> Path:
@@ -65,8 +71,9 @@ def _structures() -> Path:
     return here if here.is_dir() else Path("/work/shared/data/structures")
 
 
-def _size(layers: int, blocks: int) -> dict:
-    return {**STEM, "num_hidden_layers": layers, "trunk": {**TRUNK, "num_blocks": blocks}}
+def _size(layers: int, blocks: int, widths: str = "v1") -> dict:
+    stem, trunk = WIDTHS[widths]
+    return {**stem, "num_hidden_layers": layers, "trunk": {**trunk, "num_blocks": blocks}}
 
 
 def _attach(model, mode: str, rank: int) -> None:
@@ -110,7 +117,7 @@ def measure(point: Point) -> dict:
 
     batch = _batch(point.crop)
     before_mb = _status_kib("VmRSS") / 1024
-    model = build_folding_model({"source": "random", "size": _size(point.layers, point.blocks)})
+    model = build_folding_model({"source": "random", "size": _size(point.layers, point.blocks, point.widths)})
     _attach(model, point.mode, point.rank)
     model.set_grad_checkpointing(point.checkpointing)
     model.train()
@@ -133,27 +140,29 @@ def _worker(payload: dict) -> dict:
     return measure(Point(**payload["point"]))
 
 
-def full_size_trainable(mode: str, rank: int = 8) -> tuple[int, int]:
+def full_size_trainable(mode: str, rank: int = 8, widths: str = "v1") -> tuple[int, int]:
     """(trainable, total) parameters of the full 36-layer / 48-block model with ``mode``, on the meta device."""
     from pipeline.models import build_folding_model
 
     with torch.device("meta"):
-        model = build_folding_model({"source": "random", "size": _size(FULL_LAYERS, FULL_BLOCKS)})
+        model = build_folding_model({"source": "random", "size": _size(FULL_LAYERS, FULL_BLOCKS, widths)})
         _attach(model, mode, rank)
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(p.numel() for p in model.parameters()))
 
 
-def plan(crops: list[int]) -> list[Point]:
+def plan(crops: list[int], widths: str = "v1") -> list[Point]:
     points = []
     for crop in crops:
         for mode in ("lora+stem", "lora frozen stem", "full"):
-            points += [Point(crop, 1, 1, mode, False), Point(crop, 2, 1, mode, False)]
-        points += [Point(crop, 1, 2, "lora+stem", False), Point(crop, 1, 1, "lora+stem", True),
-                   Point(crop, 1, 2, "lora+stem", True)]
-    points += [Point(crops[-1], 1, 1, "lorta+stem", False), Point(crops[-1], 2, 1, "lorta+stem", False)]
+            points += [Point(crop, 1, 1, mode, False, widths=widths), Point(crop, 2, 1, mode, False, widths=widths)]
+        points += [Point(crop, 1, 2, "lora+stem", False, widths=widths), Point(crop, 1, 1, "lora+stem", True, widths=widths),
+                   Point(crop, 1, 2, "lora+stem", True, widths=widths)]
+    points += [Point(crops[-1], 1, 1, "lorta+stem", False, widths=widths),
+               Point(crops[-1], 2, 1, "lorta+stem", False, widths=widths)]
     # depth checks of the linear model (the smallest crop: cheapest)
-    points += [Point(crops[0], 3, 1, "lora+stem", False), Point(crops[0], 1, 3, "lora+stem", False)]
+    points += [Point(crops[0], 3, 1, "lora+stem", False, widths=widths),
+               Point(crops[0], 1, 3, "lora+stem", False, widths=widths)]
     return points
 
 
@@ -185,11 +194,16 @@ def predict_mb(entry: dict, mode: str, checkpointing: bool, layers: int, blocks:
     return entry["fixed"][mode] + layers * entry["stem_layer"][mode] + blocks * block + 8 * trainable / 2**20
 
 
-def run(crops: list[int], threads: int) -> tuple[list, dict]:
-    points = plan(crops)
+def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool = True) -> tuple[list, dict]:
+    """Measure the plan's points (a fresh process each unless ``fresh_process`` is False: a smoke test),
+    fit, extrapolate; returns (markdown sections, {"crops": {crop: {"method|ckpt": predicted GB}}, ...})."""
+    points = plan(crops, widths)
     results: dict[Point, dict] = {}
     for k, point in enumerate(points, 1):
         log(f"[{k}/{len(points)}] {point}")
+        if not fresh_process:
+            results[point] = measure(point)
+            continue
         try:
             results[point] = run_worker("benchmarks.bench_memory_plan",
                                         {"point": asdict(point), "threads": threads}, timeout=900)
@@ -223,7 +237,8 @@ def run(crops: list[int], threads: int) -> tuple[list, dict]:
                                  ["crop", "method", "stem layer", "trunk block (ckpt off)", "trunk block (ckpt on)",
                                   "rest F"], fit_rows, check_notes))
     # Extrapolation to 36 layers + 48 blocks.
-    counts = {mode: full_size_trainable(mode) for mode in ("lora+stem", "lorta+stem", "lora frozen stem", "full")}
+    counts = {mode: full_size_trainable(mode, widths=widths)
+              for mode in ("lora+stem", "lorta+stem", "lora frozen stem", "full")}
     block_params = None
     pred_rows, plan_json = [], {"crops": {}, "gpu_sizes_gb": list(GPU_SIZES_GB)}
     for crop, entry in fits.items():
@@ -239,7 +254,7 @@ def run(crops: list[int], threads: int) -> tuple[list, dict]:
                 if mode == "full":
                     # a trained block also holds its gradients (4 B / param; AdamW is in `trainable`)
                     if block_params is None:
-                        block_params = _block_params()
+                        block_params = _block_params(widths)
                     extra = 4 * block_params / 2**20
                 trainable = counts[mode][0]
                 mb = predict_mb({**entry, "fixed": {measured_mode: entry["fixed"][measured_mode]},
@@ -261,11 +276,11 @@ def run(crops: list[int], threads: int) -> tuple[list, dict]:
     return sections, plan_json
 
 
-def _block_params() -> int:
+def _block_params(widths: str = "v1") -> int:
     from pipeline.models import build_folding_model
 
     with torch.device("meta"):
-        model = build_folding_model({"source": "random", "size": _size(1, 1)})
+        model = build_folding_model({"source": "random", "size": _size(1, 1, widths)})
     return sum(p.numel() for p in model.trunk.blocks[0].parameters())
 
 
@@ -276,12 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the predicted table (GB) as JSON")
     parser.add_argument("--crops", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--widths", choices=sorted(WIDTHS), default="v1",
+                        help="v1: ESMFold v1 widths (the plan); tiny: a fast smoke test of this script")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
     load_before = load_average()
-    sections, plan_json = run(sorted(args.crops), args.threads)
+    sections, plan_json = run(sorted(args.crops), args.threads, args.widths)
     text = "\n".join(s.markdown() for s in sections) + "\n" + info_block(
         machine_info(), "python -m benchmarks.bench_memory_plan " + " ".join(argv or sys.argv[1:]), load_before,
         load_average()) + "\n"
