@@ -108,8 +108,8 @@ def _single_threaded_blas() -> Iterator[None]:
 
 
 # Compiled kernels (pipeline/kernels.py, numba): off until a batch entry point asks for them
-# (use_compiled_kernels), because numba's import + loading the cached machine code (~0.3-0.5 s) is more than
-# scoring one pair takes. FOLDTUNE_COMPILED=0 keeps them off, =1 turns them on from the start.
+# (use_compiled_kernels), because numba's import + loading the cached machine code (~0.5-0.9 s) is more than
+# scoring one pair, or a few dozen small ones, takes. FOLDTUNE_COMPILED=0 keeps them off, =1 turns them on from the start.
 _compiled_wanted: bool = os.environ.get("FOLDTUNE_COMPILED", "") == "1"
 _compiled_module = None
 
@@ -117,8 +117,9 @@ _compiled_module = None
 def use_compiled_kernels(enabled: bool = True) -> bool:
     """Use the numba kernels from now on in this process (same results, faster on many pairs).
 
-    Batch scoring (``scoring.score_table`` / ``score_predictions``, ``tm_score_batch`` of several pairs) calls
-    this. Returns whether the kernels are active (False when numba is not installed or FOLDTUNE_COMPILED=0).
+    Batch scoring (``scoring.score_table`` / ``score_predictions``) calls this once the rows left are worth
+    the load time. Returns whether the kernels are active (False when numba is not installed or
+    FOLDTUNE_COMPILED=0).
     """
     global _compiled_wanted
     _compiled_wanted = bool(enabled) and os.environ.get("FOLDTUNE_COMPILED", "") != "0"
@@ -659,8 +660,6 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
     if (n_ali == 0).any():
         raise ValueError("tm_score: no aligned residue pairs (mask is empty)")
     l_ref_all = np.full(n_batch, float(width)) if l_ref is None else _as(np, l_ref, np.float64).reshape(n_batch)
-    if n_batch > 1:
-        use_compiled_kernels()  # several pairs: the compiled search repays its load time (same results)
     results = []
     with _single_threaded_blas():  # the search is many small ops: extra threads only add sync overhead
         for b in range(n_batch):
