@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -103,6 +104,10 @@ def test_lm_workflow_end_to_end(tmp_path: Path):
 
 def test_shipped_lm_config_lints_and_plans_contacts(tmp_path: Path):
     config = REPO / "configs" / "esm2_lm.yaml"
+    # data.query is relative to the working directory (the repo root in use) and an input of fetch
+    query = Path(yaml.safe_load(config.read_text())["data"]["query"])
+    (tmp_path / query).parent.mkdir(parents=True)
+    shutil.copy(REPO / query, tmp_path / query)
     lint = snakemake("--configfile", str(config), "--lint", "--directory", str(tmp_path), cwd=tmp_path)
     assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, (lint.stdout + lint.stderr)[-3000:]
     counts = job_counts(snakemake("--configfile", str(config), "-n", "--directory", str(tmp_path), cwd=tmp_path).stdout)
