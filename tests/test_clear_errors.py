@@ -130,3 +130,24 @@ def test_score_says_truncated_for_an_mmcif_cut_in_a_row(tmp_path, capsys):
     pd.DataFrame({"id": ["cut"], "model": [str(cut)], "ref": [str(SAMPLES / "1a7g.cif")]}).to_csv(pairs, index=False)
     assert main(["score", "--pairs", str(pairs), "--out", str(tmp_path / "s.csv"), "--no-progress"]) == 1
     assert "mmCIF: truncated" in pd.read_csv(tmp_path / "s.csv").error[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("MKTAYIAKQR\n>x\nMKT\n", "fasta: no '>' header line before the sequence"),
+    (">x\nMKT1AYI\n", "x: '1' are not residue letters (first at position 4"),
+    (">x\nMKT-A.Y#I\n", "x: '#-.' are not residue letters (first at position 4"),
+    (">x\nMKT*AYI\n", "x: '*' are not residue letters (first at position 4; '*' is a stop only at the end)"),
+])
+def test_predict_refuses_a_fasta_it_would_misread(tmp_path, capsys, text, message):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(text)
+    assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"foldtune predict: {fasta}: {message}") and err.count("\n") == 1
+
+
+def test_predict_fasta_with_a_final_stop_is_read(tmp_path):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">x\nMKTAYIAKQR*\n")
+    assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p")]) == 0
+    assert pd.read_csv(tmp_path / "p" / "predictions.csv").length.tolist() == [10]
