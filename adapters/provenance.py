@@ -25,6 +25,8 @@ def _sample(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     count = min(SAMPLES_PER_TENSOR, flat.numel())
     index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).long() if count else flat.new_zeros(0).long()
+    # float32 linspace rounds n - 1 up to n for n above 2^24 (an ESMFold v1 stem weight has 26.2 M entries)
+    index = index.clamp_(max=max(flat.numel() - 1, 0))
     values = flat[index].to("cpu", torch.float32).to(torch.bfloat16)
     return values.view(torch.int16).numpy().tobytes()
 

@@ -174,7 +174,8 @@ def read_text(path: str | os.PathLike) -> str:
 def detect_format(text: str) -> str:
     """``"mmcif"`` or ``"pdb"``, from the content (file suffixes lie often enough)."""
     head = text[:4096].lstrip()
-    if head.startswith("data_") or re.search(r"^_atom_site\.", text, re.M) or re.search(r"^loop_\s*$", head, re.M):
+    atom_site = "_atom_site." in text and re.search(r"^_atom_site\.", text, re.M)  # substring test first: fast
+    if head.startswith("data_") or atom_site or re.search(r"^loop_\s*$", head, re.M):
         return "mmcif"
     return "pdb"
 
@@ -452,29 +453,54 @@ def _normalise_chain_name(chain: str | None) -> str | None:
     return "" if chain.strip() in ("", "_", "(blank)") else chain.strip()
 
 
-def read_chains(path: str | os.PathLike, model: int = 1) -> list[ProteinChain]:
+def _read_plain_pdb(path: Path, model: int):
+    """(metadata, deposited sequences, why none, [(chain id, observed arrays)]) by the vectorised reader
+    (``data.pdb_columns``), or None when the file is not a plain PDB file (then Biopython reads it)."""
+    from data.pdb_columns import observed_chains
+
+    if model != 1:
+        return None
+    text = read_text(path)
+    if detect_format(text) != "pdb":
+        return None
+    found = observed_chains(text, MODIFIED_PARENT, ATOM_RENAME, _ALLOWED_ATOMS, _UNKNOWN_ATOMS, _WATER)
+    if found is None:
+        return None
+    idcode, entities = found
+    metadata = {"pdb_id": (idcode or _pdb_id_from_name(path)).strip(), "method": None, "resolution": None,
+                "release_date": None}
+    deposited, missing = _deposited(seqres_sequences, text, "SEQRES records")
+    return metadata, deposited, missing, entities
+
+
+def read_chains(path: str | os.PathLike, model: int = 1, plain_reader: bool = True) -> list[ProteinChain]:
     """Every protein chain of ``model`` (1-based position in the file), in file order.
 
+    Plain PDB files (ATOM records, one model, no alternate locations: predictions, cleaned references) are
+    read by ``data.pdb_columns`` (~20x faster, same result); everything else by Biopython.
+    ``plain_reader=False`` always uses Biopython (tests compare the two).
     Raises ``ValueError("{path}: {field}: ...")`` for unreadable files or files with no protein chain.
     """
     path = Path(path)
-    structure, metadata, deposited, missing = _parse(path)
-    chosen_model = _select_model(structure, path, model)
+    found = _read_plain_pdb(path, model) if plain_reader else None
+    if found is not None:
+        metadata, deposited, missing, entities = found
+    else:
+        structure, metadata, deposited, missing = _parse(path)
+        entities = [(chain_entity.id, _chain_arrays(chain_entity)) for chain_entity in _select_model(structure, path, model)]
     chains = []
-    for chain_entity in chosen_model:
-        arrays = _chain_arrays(chain_entity)
+    for entity_id, arrays in entities:
         if arrays is None:
             continue  # nucleic acid, ligand-only or water-only chain
-        chain_name = chain_entity.id.strip()
+        chain_name = entity_id.strip()
         if deposited:
             missing_here = f"chain {chain_name or '_'} has no deposited sequence in the file"
         else:
             missing_here = missing
-        arrays = _full_length(arrays, deposited.get(chain_entity.id.strip()) or deposited.get(chain_entity.id),
-                              missing_here)
+        arrays = _full_length(arrays, deposited.get(chain_name) or deposited.get(entity_id), missing_here)
         chains.append(
             ProteinChain(
-                pdb_id=metadata["pdb_id"], chain=chain_entity.id.strip(), model=model,
+                pdb_id=metadata["pdb_id"], chain=chain_name, model=model,
                 method=metadata["method"], resolution=metadata["resolution"],
                 release_date=metadata["release_date"], source_file=str(path), **arrays,
             )
@@ -484,9 +510,10 @@ def read_chains(path: str | os.PathLike, model: int = 1) -> list[ProteinChain]:
     return chains
 
 
-def read_chain(path: str | os.PathLike, chain: str | None = None, model: int = 1) -> ProteinChain:
+def read_chain(path: str | os.PathLike, chain: str | None = None, model: int = 1,
+               plain_reader: bool = True) -> ProteinChain:
     """One protein chain (the first protein chain when ``chain`` is None; ``""``/``"_"`` = blank chain id)."""
-    chains = read_chains(path, model=model)
+    chains = read_chains(path, model=model, plain_reader=plain_reader)
     wanted = _normalise_chain_name(chain)
     if wanted is None:
         return chains[0]

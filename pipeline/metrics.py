@@ -1,7 +1,9 @@
 """Structure metrics: Kabsch superposition, TM-score / GDT (TMscore search), RMSD and lDDT.
 
 Every function takes NumPy arrays or torch tensors (``(..., N, 3)`` coordinates in Å, masks with
-1 = present) and returns the same kind it was given. One implementation of each piece of math:
+1 = present) and returns the same kind it was given. The module imports neither torch nor transformers (a
+`foldtune score` process never loads them): NumPy does the work, and torch is used only when the caller
+passes tensors (it is then already imported). One implementation of each piece of math:
 
 - :func:`kabsch` - the project's only optimal superposition (weighted, proper rotation).
 - :func:`tm_score` / :func:`tm_score_batch` - TM-score, GDT-TS, GDT-HA and RMSD with residue
@@ -13,12 +15,18 @@ Every function takes NumPy arrays or torch tensors (``(..., N, 3)`` coordinates 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import os
+import sys
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
-from transformers.models.esm.openfold_utils import residue_constants as rc
+
+from data import residue_constants as rc
+
+if TYPE_CHECKING:  # annotations only: importing this module never loads torch
+    import torch
 
 CA_INDEX: int = rc.atom_order["CA"]
 GDT_TS_CUTOFFS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
@@ -54,27 +62,91 @@ _SWAP = _swap_table()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _to_torch(x, dtype: torch.dtype | None = None) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    return t.to(dtype) if dtype is not None else t
+def _is_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (no tensor exists unless torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _like(result: torch.Tensor, template):
-    """Return ``result`` as the kind (NumPy / torch, and torch device) of ``template``."""
-    if isinstance(template, torch.Tensor):
-        return result.to(template.device)
-    return result.detach().cpu().numpy()
+def _xp(*arrays):
+    """The array module for the inputs: torch if any of them is a tensor, else NumPy."""
+    return sys.modules["torch"] if any(_is_tensor(a) for a in arrays) else np
+
+
+def _as(xp, x, dtype=None, device=None):
+    """``x`` as an array of module ``xp`` (NumPy or torch), optionally cast to ``dtype`` / moved to ``device``."""
+    if xp is np:
+        return np.asarray(x.detach().cpu().numpy() if _is_tensor(x) else x, dtype=dtype)
+    t = x if isinstance(x, xp.Tensor) else xp.as_tensor(np.asarray(x))
+    return t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
+
+
+def _like(result: np.ndarray, template):
+    """Return the NumPy ``result`` as the kind (NumPy / torch, and torch device) of ``template``."""
+    if _is_tensor(template):
+        return sys.modules["torch"].from_numpy(np.ascontiguousarray(result)).to(template.device)
+    return result
+
+
+_blas_controller = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """NumPy's BLAS on one thread for the block: the search's GEMMs are small, and OpenBLAS spreading them over
+    every core costs ~10x on a loaded machine (and competes with the caller's own threads)."""
+    global _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional speed-up: without it NumPy keeps its default threads
+        yield
+        return
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+# Compiled kernels (pipeline/kernels.py, numba): off until a batch entry point asks for them
+# (use_compiled_kernels), because numba's import + loading the cached machine code (~0.5-0.9 s) is more than
+# scoring one pair, or a few dozen small ones, takes. FOLDTUNE_COMPILED=0 keeps them off, =1 turns them on from the start.
+_compiled_wanted: bool = os.environ.get("FOLDTUNE_COMPILED", "") == "1"
+_compiled_module = None
+
+
+def use_compiled_kernels(enabled: bool = True) -> bool:
+    """Use the numba kernels from now on in this process (same results, faster on many pairs).
+
+    Batch scoring (``scoring.score_table`` / ``score_predictions``) calls this once the rows left are worth
+    the load time. Returns whether the kernels are active (False when numba is not installed or
+    FOLDTUNE_COMPILED=0).
+    """
+    global _compiled_wanted
+    _compiled_wanted = bool(enabled) and os.environ.get("FOLDTUNE_COMPILED", "") != "0"
+    return _kernels() is not None
+
+
+def _kernels():
+    """The kernels module when wanted and importable, else None (the NumPy code runs)."""
+    global _compiled_module
+    if not _compiled_wanted:
+        return None
+    if _compiled_module is None:
+        try:
+            from pipeline import kernels
+        except ImportError:  # numba missing: NumPy only
+            _compiled_module = False
+        else:
+            _compiled_module = kernels
+    return _compiled_module or None
 
 
 def _mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """a @ b through torch: its BLAS honours torch.set_num_threads (NumPy's OpenBLAS would use every core).
+    """a @ b (float64); ``out``: a C-contiguous array to write into (reusing one buffer avoids page faults).
 
-    ``out``: a C-contiguous float64 array to write into (reusing one buffer avoids fresh page faults).
+    Callers that run many of these wrap them in :func:`_single_threaded_blas`.
     """
-    if out is None:
-        return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
-    return out
+    return np.matmul(a, b, out=out)
 
 
 # ------------------------------------------------------------------------------------------------ Kabsch
@@ -83,14 +155,16 @@ def _mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
 _CLOSED_FORM_MIN_SLOPE: float = 1e-2
 
 
-def _rotation_svd(cov: torch.Tensor) -> torch.Tensor:
-    """(..., 3, 3) covariance H -> proper rotation R maximising tr(R H), by SVD (differentiable)."""
-    u, _, vh = torch.linalg.svd(cov)
-    sign = torch.sign(torch.linalg.det(vh.transpose(-1, -2) @ u.transpose(-1, -2)))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    diag = torch.ones(sign.shape + (3,), dtype=cov.dtype, device=cov.device)
+def _rotation_svd(cov):
+    """(..., 3, 3) covariance H -> proper rotation R maximising tr(R H), by SVD (NumPy, or torch: differentiable)."""
+    xp = _xp(cov)
+    u, _, vh = xp.linalg.svd(cov)
+    v, ut = vh.swapaxes(-1, -2), u.swapaxes(-1, -2)
+    sign = xp.sign(xp.linalg.det(v @ ut))
+    sign = xp.where(sign == 0, xp.ones_like(sign), sign)
+    diag = xp.ones_like(cov[..., 0])  # (..., 3)
     diag[..., 2] = sign
-    return vh.transpose(-1, -2) @ (diag[..., None] * u.transpose(-1, -2))
+    return v @ (diag[..., None] * ut)
 
 
 def _linear_map(rows: dict[tuple[int, int], dict[tuple[int, int], float]], n_out: int, n_in: int,
@@ -242,7 +316,8 @@ def _rotation_closed_form(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = (adj * q[None]).sum(1)
         q = q / np.sqrt((q * q).sum(0))
     ok = (norm2 > 0) & converged & (slope > _CLOSED_FORM_MIN_SLOPE * lam * lam * lam) & np.isfinite(q).all(0)
-    return _mm(_QUATERNION_MAP, (q[:, None] * q[None]).reshape(16, n_rows)), ok
+    with np.errstate(invalid="ignore"):  # NaN rows (flagged in ok) are replaced by the caller
+        return _mm(_QUATERNION_MAP, (q[:, None] * q[None]).reshape(16, n_rows)), ok
 
 
 def _rotation_components(h: np.ndarray) -> np.ndarray:
@@ -250,7 +325,7 @@ def _rotation_components(h: np.ndarray) -> np.ndarray:
     rot, ok = _rotation_closed_form(h)
     if not ok.all():
         hard = np.ascontiguousarray(h[:, ~ok].T).reshape(-1, 3, 3)
-        rot[:, ~ok] = _rotation_svd(torch.from_numpy(hard)).numpy().reshape(-1, 9).T
+        rot[:, ~ok] = _rotation_svd(hard).reshape(-1, 9).T
     return rot
 
 
@@ -263,7 +338,8 @@ def best_rotation(cov):
     with the SVD for the rows it flags as ill-conditioned (there the optimum is not unique, or nearly so, and
     the SVD's choice is kept). Same kind / dtype / device as ``cov``.
     """
-    if isinstance(cov, torch.Tensor):
+    if _is_tensor(cov):
+        torch = sys.modules["torch"]
         if cov.requires_grad and torch.is_grad_enabled():
             return _rotation_svd(cov)
         rot = best_rotation(cov.detach().to("cpu", torch.float64).numpy())
@@ -284,41 +360,58 @@ def kabsch(P, Q, mask=None):
         Where the total weight is 0, R = I and t = 0 (like TMscore's u3b).
     NumPy in -> NumPy float64 out; torch in -> torch out in the input dtype (differentiable).
     """
-    dtype = P.dtype if isinstance(P, torch.Tensor) and P.is_floating_point() else torch.float64
-    p, q = _to_torch(P, dtype), _to_torch(Q, dtype)
-    w = torch.ones(p.shape[:-1], dtype=dtype, device=p.device) if mask is None else _to_torch(mask, dtype)
-    w = w.to(p.device)
-    total = w.sum(-1, keepdim=True)  # (..., 1)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
+    xp = _xp(P, Q, mask)
+    if xp is np:
+        dtype, device = np.float64, None
+    else:
+        dtype = P.dtype if _is_tensor(P) and P.is_floating_point() else xp.float64
+        device = P.device if _is_tensor(P) else None
+    p = _as(xp, P, dtype, device)
+    q = _as(xp, Q, dtype, p.device if xp is not np else None)
+    w = xp.ones_like(p[..., 0]) if mask is None else _as(xp, mask, dtype, p.device if xp is not np else None)
+    total = w.sum(-1)[..., None]  # (..., 1)
+    safe = xp.where(total > 0, total, xp.ones_like(total))
     p_mean = (w[..., None] * p).sum(-2) / safe
     q_mean = (w[..., None] * q).sum(-2) / safe
     pc, qc = p - p_mean[..., None, :], q - q_mean[..., None, :]
-    h = (w[..., None] * pc).transpose(-1, -2) @ qc  # (..., 3, 3) covariance, sum_i w_i p_i q_i^T
+    h = (w[..., None] * pc).swapaxes(-1, -2) @ qc  # (..., 3, 3) covariance, sum_i w_i p_i q_i^T
     rot = best_rotation(h)
     empty = (total[..., 0] <= 0)[..., None, None]
-    rot = torch.where(empty, torch.eye(3, dtype=dtype, device=p.device).expand_as(rot), rot)
-    trans = q_mean - (p_mean[..., None, :] @ rot.transpose(-1, -2))[..., 0, :]
-    trans = torch.where(empty[..., 0], torch.zeros_like(trans), trans)
-    return _like(rot, P), _like(trans, P)
+    identity = xp.zeros_like(rot)
+    identity[..., [0, 1, 2], [0, 1, 2]] = 1
+    rot = xp.where(empty, identity, rot)
+    trans = q_mean - (p_mean[..., None, :] @ rot.swapaxes(-1, -2))[..., 0, :]
+    trans = xp.where(empty[..., 0], xp.zeros_like(trans), trans)
+    if xp is not np and not _is_tensor(P):  # torch only because Q / mask were tensors: P's kind wins
+        return rot.detach().cpu().numpy(), trans.detach().cpu().numpy()
+    return rot, trans
 
 
 def superpose(P, R, t):
     """Apply ``(R, t)`` from :func:`kabsch` to ``P`` (..., N, 3)."""
-    if isinstance(P, torch.Tensor):
+    if _is_tensor(P):
         return P @ R.transpose(-1, -2) + t[..., None, :]
     return np.asarray(P) @ np.swapaxes(R, -1, -2) + np.asarray(t)[..., None, :]
 
 
 def rmsd(P, Q, mask=None, superimpose: bool = True):
     """RMSD (Å) between matched rows of P and Q (..., N, 3) over ``mask``, after Kabsch if ``superimpose``."""
-    p, q = _to_torch(P, torch.float64), _to_torch(Q, torch.float64)
-    w = torch.ones(p.shape[:-1], dtype=torch.float64) if mask is None else _to_torch(mask, torch.float64)
+    xp = _xp(P, Q, mask)
+    float64 = np.float64 if xp is np else xp.float64
+    p = _as(xp, P, float64)
+    q = _as(xp, Q, float64, None if xp is np else p.device)
+    w = xp.ones_like(p[..., 0]) if mask is None else _as(xp, mask, float64, None if xp is np else p.device)
     if superimpose:
         rot, trans = kabsch(p, q, w)
         p = superpose(p, rot, trans)
     sq = ((p - q) ** 2).sum(-1)
-    value = torch.sqrt((w * sq).sum(-1) / w.sum(-1).clamp(min=1e-12))
-    return _like(value, P) if value.ndim else float(value)
+    weight = w.sum(-1)
+    value = xp.sqrt((w * sq).sum(-1) / xp.where(weight > 1e-12, weight, xp.full_like(weight, 1e-12)))
+    if not value.ndim:
+        return float(value)
+    if xp is not np and not _is_tensor(P):  # torch only because Q / mask were tensors: P's kind wins
+        return value.detach().cpu().numpy()
+    return value
 
 
 # -------------------------------------------------------------------------------------------- TM-score
@@ -404,8 +497,8 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     Returns ``tm`` (float) and ``gdt`` (5,) best counts for 0.5/1/2/4/8 Å.
 
     Everything per candidate is component-major ((k, C) arrays). NumPy does the compares and reductions on
-    the (C candidates, n pairs) distance matrix (~3x faster than torch's at these sizes); torch does the two
-    GEMMs per round (fits' sums, squared distances) and the TM terms.
+    the (C candidates, n pairs) distance matrix (~3x faster than torch's at these sizes); the two GEMMs per
+    round (fits' sums, squared distances) run on one BLAS thread (the caller's :func:`_single_threaded_blas`).
     """
     n = x.shape[0]
     x = x - x.mean(0)  # centring keeps the expanded distance formula precise
@@ -433,6 +526,9 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=(n + 7) // 8, dtype=np.int64)
     d02 = d0 * d0
     seen = np.zeros(0, dtype=np.int64)
+    kernels = _kernels()
+    if kernels is not None:  # the same search, each round's (candidates x pairs) work in one compiled pass
+        return _tm_search_compiled(kernels, x, y, l_ref, d0, d0_search, feats_t, sums, max_iter)
     # Work buffers for the largest round (the seeds); later rounds use their first rows.
     dist_buffer = np.empty((sums.shape[1], n))
     below_buffer = np.empty((sums.shape[1], n), dtype=bool)
@@ -453,10 +549,11 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
                 third = np.sqrt(np.partition(close, 2, axis=1)[:, 2])
                 cutoff = base + 0.5 * (np.floor((third - base) / 0.5) + 1.0)
                 new_mask[few] = close < (cutoff * cutoff)[:, None]
-        # TM terms 1 / (1 + d^2 / d0^2) = d0^2 / (d0^2 + d^2), in place (torch: ~5x faster than NumPy here);
-        # dist2 is not used below. The clamp only matters here: rounding can leave d^2 slightly below 0
-        # (a term above 1), which no cutoff above sees.
-        terms = torch.from_numpy(dist2).clamp_(min=0.0).add_(d02).reciprocal_()
+        # TM terms 1 / (1 + d^2 / d0^2) = d0^2 / (d0^2 + d^2), in place (dist2 is not used below). The clamp
+        # only matters here: rounding can leave d^2 slightly below 0 (a term above 1), which no cutoff above sees.
+        terms = np.maximum(dist2, 0.0, out=dist2)
+        terms += d02
+        np.reciprocal(terms, out=terms)
         best_tm = max(best_tm, float(terms.sum(-1).max()) * d02 / l_ref)
         if step == max_iter:
             break
@@ -466,23 +563,79 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
             new_mask, new_packed = new_mask[moving], new_packed[moving]
         if new_mask.shape[0] == 0:
             break
-        # A pair set already reached (at this round or an earlier one, i.e. with at least as many rounds
-        # left) has a known future: fits are a function of the pair set alone. Follow each set once.
-        keys = new_packed.astype(np.int64) @ hash_weights
-        order = np.argsort(keys, kind="stable")
-        ordered = keys[order]
-        first = np.ones(ordered.size, dtype=bool)  # first candidate of each distinct set
-        first[1:] = ordered[1:] != ordered[:-1]
-        unique, follow = ordered[first], order[first]
-        at = np.searchsorted(seen, unique)  # seen: sorted keys of every set followed so far
-        fresh = seen[np.minimum(at, seen.size - 1)] != unique if seen.size else np.ones(unique.size, dtype=bool)
-        unique, follow = unique[fresh], follow[fresh]
-        seen = np.sort(np.concatenate([seen, unique]))
+        follow, seen = _new_pair_sets(new_packed.astype(np.int64) @ hash_weights, seen)
         if follow.size == 0:
             break
         packed = new_packed[follow]
-        # sums = (mask @ feats)^T = feats^T @ mask^T: that GEMM shape is ~2x faster than mask @ feats in torch.
+        # sums = (mask @ feats)^T = feats^T @ mask^T: that GEMM shape is ~2x faster than mask @ feats.
         sums = _mm(feats_t, new_mask[follow].astype(np.float64).T)
+    return {"tm": best_tm, "gdt": best_gdt}
+
+
+def _new_pair_sets(keys: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates to follow: the first of each distinct pair set (by 64-bit key) not followed before.
+
+    A pair set already reached (at this round or an earlier one, i.e. with at least as many rounds left)
+    has a known future: fits are a function of the pair set alone. Returns (indices into keys, the sorted
+    keys of every set followed so far, these included).
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.ones(ordered.size, dtype=bool)  # first candidate of each distinct set
+    first[1:] = ordered[1:] != ordered[:-1]
+    unique, follow = ordered[first], order[first]
+    at = np.searchsorted(seen, unique)  # seen: sorted keys of every set followed so far
+    fresh = seen[np.minimum(at, seen.size - 1)] != unique if seen.size else np.ones(unique.size, dtype=bool)
+    unique, follow = unique[fresh], follow[fresh]
+    return follow, np.sort(np.concatenate([seen, unique]))
+
+
+def _fit_from_sums_compiled(kernels, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_fit_from_sums` by ``kernels.kabsch_fits`` (same closed form, row by row); rows it flags go
+    through the NumPy function (closed form, SVD where that flags them too)."""
+    n_rows = sums.shape[1]
+    rot, trans, ok = np.empty((3, 3, n_rows)), np.empty((3, n_rows)), np.empty(n_rows, dtype=bool)
+    kernels.kabsch_fits(np.ascontiguousarray(sums), _CLOSED_FORM_MIN_SLOPE, rot, trans, ok)
+    if not ok.all():
+        hard = np.flatnonzero(~ok)
+        rot[:, :, hard], trans[:, hard] = _fit_from_sums(np.ascontiguousarray(sums[:, hard]))
+    return rot, trans
+
+
+def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, d0: float, d0_search: float,
+                        feats_t: np.ndarray, sums: np.ndarray, max_iter: int) -> dict:
+    """:func:`_tm_search` with each round's distance / GDT / TM / next-pair-set work in ``kernels.tm_round``.
+
+    Same rules and bookkeeping; distances are computed directly as |R x + t - y|^2 (the NumPy path expands
+    them into one GEMM), so results agree to rounding (tests/test_metrics_compiled.py).
+    """
+    n = x.shape[0]
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    cut2 = np.square(np.asarray(_GDT_CUTOFFS, dtype=np.float64))
+    d02 = d0 * d0
+    best_tm, best_sum = -1.0, -1.0  # best_sum: the largest TM row sum so far (best_tm = best_sum d0^2 / L_ref)
+    best_gdt = np.full(len(_GDT_CUTOFFS), -1, dtype=np.int64)
+    pair_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=n, dtype=np.int64)
+    seen = np.zeros(0, dtype=np.int64)
+    mask_buffer = np.empty((sums.shape[1], n), dtype=np.uint8)
+    previous = np.zeros((0, n), dtype=np.uint8)  # pair sets of the candidates (none for the seeds)
+    for step in range(max_iter + 1):
+        rot, trans = _fit_from_sums_compiled(kernels, sums)
+        n_rows = sums.shape[1]
+        mask, changed, keys = mask_buffer[:n_rows], np.empty(n_rows, dtype=bool), np.empty(n_rows, dtype=np.int64)
+        base = d0_search + (1.0 if step > 0 else -1.0)
+        row_tm = kernels.tm_round(np.ascontiguousarray(rot), np.ascontiguousarray(trans), x, y, d02, cut2, base,
+                                  n > 3 and step < max_iter, previous, step > 0, pair_weights, mask, changed, keys,
+                                  best_gdt, best_sum)
+        best_sum = max(best_sum, row_tm)
+        best_tm = max(best_tm, row_tm * d02 / l_ref)
+        if step == max_iter or not changed.any():
+            break
+        follow, seen = _new_pair_sets(keys[changed], seen)
+        if follow.size == 0:
+            break
+        previous = mask[np.flatnonzero(changed)[follow]]
+        sums = _mm(feats_t, previous.astype(np.float64).T)
     return {"tm": best_tm, "gdt": best_gdt}
 
 
@@ -499,37 +652,31 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
     Rows are used in the given order: seed fragments slide along the aligned rows as TMscore slides
     along its residue pairs.
     """
-    x = _to_torch(pred_ca, torch.float64)
-    y = _to_torch(ref_ca, torch.float64)
+    x = _as(np, pred_ca, np.float64)
+    y = _as(np, ref_ca, np.float64)
     n_batch, width = x.shape[:2]
-    valid = torch.ones((n_batch, width), dtype=torch.bool) if mask is None else _to_torch(mask).bool()
+    valid = np.ones((n_batch, width), dtype=bool) if mask is None else _as(np, mask) != 0
     n_ali = valid.sum(-1)
     if (n_ali == 0).any():
         raise ValueError("tm_score: no aligned residue pairs (mask is empty)")
-    l_ref_t = torch.full((n_batch,), float(width), dtype=torch.float64) if l_ref is None else (
-        _to_torch(l_ref, torch.float64).reshape(n_batch)
-    )
+    l_ref_all = np.full(n_batch, float(width)) if l_ref is None else _as(np, l_ref, np.float64).reshape(n_batch)
     results = []
-    for b in range(n_batch):
-        keep = valid[b]
-        xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the search is many small ops: extra threads only add sync overhead
-        try:
-            found = _tm_search(xb.numpy(), yb.numpy(), float(l_ref_t[b]), max_iter=max_iter)
-        finally:
-            torch.set_num_threads(previous_threads)
-        frac = torch.from_numpy(found["gdt"]).to(torch.float64) / l_ref_t[b]  # 0.5, 1, 2, 4, 8 Å
-        results.append(
-            {
-                "tm_score": float(found["tm"]),
-                "gdt_ts": float(frac[1:5].mean()),
-                "gdt_ha": float(frac[0:4].mean()),
-                "rmsd": float(rmsd(xb, yb)),
-                "n_aligned": int(n_ali[b]),
-                "l_ref": int(l_ref_t[b]),
-            }
-        )
+    with _single_threaded_blas():  # the search is many small ops: extra threads only add sync overhead
+        for b in range(n_batch):
+            keep = valid[b]
+            xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
+            found = _tm_search(xb, yb, float(l_ref_all[b]), max_iter=max_iter)
+            frac = found["gdt"].astype(np.float64) / l_ref_all[b]  # 0.5, 1, 2, 4, 8 Å
+            results.append(
+                {
+                    "tm_score": float(found["tm"]),
+                    "gdt_ts": float(frac[1:5].mean()),
+                    "gdt_ha": float(frac[0:4].mean()),
+                    "rmsd": float(rmsd(xb, yb)),
+                    "n_aligned": int(n_ali[b]),
+                    "l_ref": int(l_ref_all[b]),
+                }
+            )
     return results
 
 
@@ -539,9 +686,9 @@ def tm_score(pred_ca, ref_ca, mask=None, l_ref: int | None = None, max_iter: int
     pred_ca, ref_ca: (N, 3) matched CA rows; mask: (N,) aligned pairs; l_ref: reference length
     (default N - pass the full reference length when the rows cover only the aligned residues).
     """
-    x = _to_torch(pred_ca, torch.float64)[None]
-    y = _to_torch(ref_ca, torch.float64)[None]
-    m = None if mask is None else _to_torch(mask).bool()[None]
+    x = _as(np, pred_ca, np.float64)[None]
+    y = _as(np, ref_ca, np.float64)[None]
+    m = None if mask is None else (_as(np, mask) != 0)[None]
     lengths = None if l_ref is None else [l_ref]
     return tm_score_batch(x, y, m, lengths, max_iter=max_iter)[0]
 
@@ -578,7 +725,9 @@ def _contact_pairs(
         for lo in range(0, n_atoms, chunk):
             # Upper triangle only: rows lo:lo+chunk against columns lo: (pairs i < j are kept below).
             width = n_atoms - lo
-            flat = np.flatnonzero(_mm(rows[lo : lo + chunk], cols[:, lo:]) <= limit)
+            with _single_threaded_blas():
+                product = _mm(rows[lo : lo + chunk], cols[:, lo:])
+            flat = np.flatnonzero(product <= limit)
             i, j = np.divmod(flat, width)
             i += b * n_atoms + lo
             j += b * n_atoms + lo
@@ -623,6 +772,7 @@ def _lddt_counts(
     cutoff: float,
     thresholds: Sequence[float],
     pairs: tuple[np.ndarray, ...] | None = None,
+    total: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-atom lDDT counts, the one lDDT core of the project.
 
@@ -631,7 +781,8 @@ def _lddt_counts(
     passed by pairs involving each atom, and ``total`` (..., M) = number of reference pairs of each atom
     (float64). A pair counts when both atoms are in the reference within ``cutoff`` (<=); it passes a
     threshold when both atoms are present in the model and | d_ref - d_model | <= threshold. ``pairs``:
-    :func:`_contact_pairs` of the flattened batch, when the caller already has it.
+    :func:`_contact_pairs` of the flattened batch, when the caller already has it; ``total``: its per-atom
+    pair counts (:func:`_pair_totals`, a property of the reference alone).
     """
     shape = pred.shape[:-1]
     n_atoms = shape[-1]
@@ -639,13 +790,26 @@ def _lddt_counts(
         pairs = _contact_pairs(ref.reshape(-1, n_atoms, 3), ref_mask.reshape(-1, n_atoms),
                                np.broadcast_to(group, shape).reshape(-1, n_atoms), cutoff)
     i, j, d_ref = pairs
-    coords, present = np.ascontiguousarray(pred.reshape(-1, 3).T), pred_mask.reshape(-1)
+    present = pred_mask.reshape(-1)
+    size = present.shape[0]
+    if total is None:
+        total = _pair_totals(i, j, size)
+    kernels = _kernels()
+    if kernels is not None:
+        preserved = np.zeros(size)
+        kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present), i, j,
+                                 d_ref, np.asarray(thresholds, dtype=np.float64), preserved)
+        return preserved.reshape(shape), total.reshape(shape)
+    coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
     passed = _passed(d_ref, _distances(coords, i, j), present[i] & present[j], thresholds)
     # Each unordered pair counts for both of its atoms.
-    size = coords.shape[1]
     preserved = np.bincount(i, passed, size) + np.bincount(j, passed, size)
-    total = np.bincount(i, minlength=size) + np.bincount(j, minlength=size)
-    return preserved.reshape(shape), total.reshape(shape).astype(np.float64)
+    return preserved.reshape(shape), total.reshape(shape)
+
+
+def _pair_totals(i: np.ndarray, j: np.ndarray, size: int) -> np.ndarray:
+    """(size,) float64: number of reference pairs of each atom (each unordered pair counts for both)."""
+    return (np.bincount(i, minlength=size) + np.bincount(j, minlength=size)).astype(np.float64)
 
 
 def _resolve_symmetry(
@@ -655,38 +819,60 @@ def _resolve_symmetry(
     """Rename symmetric side-chain atoms of the model where that scores better (OST lDDTScorer rule).
 
     pred: (L, 37, 3); pred_mask: (L, 37) bool; atom_res, atom_type: (M,) residue and atom37 index of the
-    M reference atoms that take part; aatype (L,); pairs: their :func:`_contact_pairs` (batch of one).
+    M reference atoms that take part; aatype (L,); pairs: their :func:`_contact_pairs` (batch of one), or
+    already their :func:`_symmetry_pairs`.
     For each residue with a symmetric group, the group's atoms are scored against every non-symmetric
     reference atom of other residues under both namings; the swapped naming is kept only if strictly better.
     Decisions are independent per residue because only non-symmetric atoms are used as partners.
     Returns the renamed (pred, pred_mask).
     """
     n_res, n_types = pred.shape[:2]
-    swap = _SWAP[np.minimum(aatype, rc.restype_num)]  # (L, 37)
-    partner = swap[atom_res, atom_type]  # (M,) atom37 index each atom is renamed to
-    is_sym = partner != atom_type
-    if not is_sym.any():
+    symmetric = _symmetry_pairs(atom_res, atom_type, aatype, pairs) if not isinstance(pairs, dict) else pairs
+    if symmetric is None:
         return pred, pred_mask
-    i, j, d_ref = pairs
-    # Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o).
-    sym_i = is_sym[i]
-    mixed = sym_i != is_sym[j]
-    i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
-    s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
+    swap, res_s, own_s, partner_s, other, d_ref = (symmetric[k] for k in
+                                                   ("swap", "res_s", "own_s", "partner_s", "other", "d_ref"))
     coords, present = np.ascontiguousarray(pred.reshape(-1, 3).T), pred_mask.reshape(-1)
-    other = atom_res[o] * n_types + atom_type[o]  # flat atom37 index of the non-symmetric partner
-    res_s = atom_res[s]
+    kernels = _kernels()
 
     def score(atom: np.ndarray) -> np.ndarray:
         index = res_s * n_types + atom
+        if kernels is not None:
+            out = np.zeros(n_res)
+            kernels.lddt_group_passes(np.ascontiguousarray(coords.T), np.ascontiguousarray(present), index, other,
+                                      d_ref, np.asarray(thresholds, dtype=np.float64), res_s, out)
+            return out
         passed = _passed(d_ref, _distances(coords, index, other), present[index] & present[other], thresholds)
         return np.bincount(res_s, passed, n_res)
 
-    flip = score(partner[s]) > score(atom_type[s])  # (L,)
+    flip = score(partner_s) > score(own_s)  # (L,)
     if not flip.any():
         return pred, pred_mask
     index = np.where(flip[:, None], swap, np.arange(n_types))
     return np.take_along_axis(pred, index[..., None], axis=1), np.take_along_axis(pred_mask, index, axis=1)
+
+
+def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndarray,
+                    pairs: tuple[np.ndarray, ...]) -> dict | None:
+    """The reference's side of :func:`_resolve_symmetry` (None when it has no symmetric side chain atom).
+
+    Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o): ``res_s`` residue of
+    s, ``own_s`` / ``partner_s`` its atom37 index under the file's and the swapped naming, ``other`` the flat
+    atom37 index (L * 37) of o, ``d_ref`` their reference distance; ``swap`` (L, 37) the renaming table.
+    """
+    n_types = rc.atom_type_num
+    swap = _SWAP[np.minimum(aatype, rc.restype_num)]  # (L, 37)
+    partner = swap[atom_res, atom_type]  # (M,) atom37 index each atom is renamed to
+    is_sym = partner != atom_type
+    if not is_sym.any():
+        return None
+    i, j, d_ref = pairs
+    sym_i = is_sym[i]
+    mixed = sym_i != is_sym[j]
+    i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
+    s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
+    return {"swap": swap, "res_s": atom_res[s], "own_s": atom_type[s], "partner_s": partner[s],
+            "other": atom_res[o] * n_types + atom_type[o], "d_ref": d_ref}
 
 
 def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, n_groups: int,
@@ -705,7 +891,7 @@ def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, 
 
 
 def _numpy(x, dtype=None) -> np.ndarray:
-    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    array = x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
     return array if dtype is None else array.astype(dtype, copy=False)
 
 
@@ -719,6 +905,7 @@ def lddt(
     per_residue: bool = False,
     cutoff: float = LDDT_INCLUSION_RADIUS,
     thresholds: Sequence[float] = LDDT_THRESHOLDS,
+    contacts: tuple | None = None,
 ):
     """lDDT of a model against a reference, OpenStructure conventions.
 
@@ -735,32 +922,69 @@ def lddt(
     threshold t in (0.5, 1, 2, 4) when |d_ref - d_model| <= t; atoms missing in the model fail.
     The global score is the fraction of passed (pair, threshold) tests (not the mean of residues).
     NumPy or torch in; per-residue scores come back as the same kind (float64).
+    contacts: :func:`lddt_contacts` of this reference (same ``ref_pos``, ``ref_mask``, ``ca_only`` and
+    ``cutoff``): the pair search, most of the work, then runs once for many models of one reference.
     """
-    pred, ref = _numpy(pred_pos, np.float64), _numpy(ref_pos, np.float64)
-    pmask, rmask = _numpy(pred_mask) > 0, _numpy(ref_mask) > 0
-    if ca_only or pred.ndim == 2:
+    pred = _numpy(pred_pos, np.float64)
+    pmask = _numpy(pred_mask) > 0
+    ca_only = ca_only or pred.ndim == 2
+    if contacts is None:
+        contacts = lddt_contacts(ref_pos, ref_mask, ca_only=ca_only, cutoff=cutoff,
+                                 aatype=None if ca_only else aatype)
+    kind, ref, rest = contacts[0], contacts[1], contacts[2:]
+    if kind != ("ca" if ca_only else "all") or ref.shape[0] != pred.shape[0]:
+        raise ValueError(f"lddt: contacts are for a {kind} reference of {ref.shape[0]} residues")
+    if ca_only:
         if pred.ndim == 3:
-            pred, ref = pred[:, CA_INDEX], ref[:, CA_INDEX]
+            pred = pred[:, CA_INDEX]
         if pmask.ndim == 2:
-            pmask, rmask = pmask[:, CA_INDEX], rmask[:, CA_INDEX]
+            pmask = pmask[:, CA_INDEX]
+        rmask, pairs, total, _ = rest
         group = np.arange(pred.shape[0])
-        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds)
+        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs, total=total)
         result = _finish(preserved, total, None, pred.shape[0], len(thresholds), per_residue, math.nan)
-        return _like(torch.from_numpy(result), pred_pos) if per_residue else float(result)
+        return _like(result, pred_pos) if per_residue else float(result)
     n_res = pred.shape[0]
-    atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
+    atom_res, atom_type, pairs, total, contacts_aatype, symmetric = rest
     ref_atoms = ref[atom_res, atom_type]
     present = np.ones(atom_res.shape, dtype=bool)
-    pairs = _contact_pairs(ref_atoms[None], present[None], atom_res[None], cutoff)  # shared by both steps
     if aatype is not None:
-        pred, pmask = _resolve_symmetry(pred, pmask, atom_res, atom_type, _numpy(aatype, np.int64), pairs,
-                                        thresholds)
+        aatype = _numpy(aatype, np.int64)
+        if contacts_aatype is None or not np.array_equal(contacts_aatype, aatype):
+            symmetric = _symmetry_pairs(atom_res, atom_type, aatype, pairs)
+        if symmetric is not None:
+            pred, pmask = _resolve_symmetry(pred, pmask, atom_res, atom_type, aatype, symmetric, thresholds)
     preserved, total = _lddt_counts(
         pred[atom_res, atom_type], ref_atoms, pmask[atom_res, atom_type], present, atom_res, cutoff, thresholds,
-        pairs=pairs,
+        pairs=pairs, total=total,
     )
     result = _finish(preserved, total, atom_res, n_res, len(thresholds), per_residue, math.nan)
-    return _like(torch.from_numpy(result), pred_pos) if per_residue else float(result)
+    return _like(result, pred_pos) if per_residue else float(result)
+
+
+def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT_INCLUSION_RADIUS,
+                  aatype=None) -> tuple:
+    """The reference's side of :func:`lddt`: its atoms, every pair within ``cutoff``, each atom's pair count and
+    (with ``aatype``, all-atom) the symmetric side-chain pairs (an opaque tuple).
+
+    ref_pos: (L, 37, 3) atom37 or (L, 3) CA coordinates; ref_mask: (L, 37) or (L,). Pass the result as
+    ``lddt(..., contacts=)`` (with the same ``aatype``) when scoring several models against one reference.
+    """
+    ref, rmask = _numpy(ref_pos, np.float64), _numpy(ref_mask) > 0
+    if ca_only or ref.ndim == 2:
+        if ref.ndim == 3:
+            ref = ref[:, CA_INDEX]
+        if rmask.ndim == 2:
+            rmask = rmask[:, CA_INDEX]
+        group = np.arange(ref.shape[0])
+        pairs = _contact_pairs(ref[None], rmask[None], group[None], cutoff)
+        return "ca", ref, rmask, pairs, _pair_totals(pairs[0], pairs[1], ref.shape[0]), None
+    atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
+    present = np.ones(atom_res.shape, dtype=bool)
+    pairs = _contact_pairs(ref[atom_res, atom_type][None], present[None], atom_res[None], cutoff)  # shared by both steps
+    symmetric = None if aatype is None else _symmetry_pairs(atom_res, atom_type, _numpy(aatype, np.int64), pairs)
+    return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], atom_res.shape[0]),
+            None if aatype is None else _numpy(aatype, np.int64).copy(), symmetric)
 
 
 def lddt_ca(
@@ -782,6 +1006,8 @@ def lddt_ca(
         No gradient (lDDT is a count). Computed in float64 by the NumPy core on the CPU (CA pair lists
         are small: a host copy of (B, L, 3) per call).
     """
+    import torch  # the inputs are tensors: torch is loaded already
+
     ref_mask = _numpy(mask) > 0
     pmask = np.ones_like(ref_mask) if pred_mask is None else _numpy(pred_mask) > 0
     group = np.arange(pred_ca.shape[-2])

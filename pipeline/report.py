@@ -464,7 +464,9 @@ def plot_calibration(per_target: pd.DataFrame, path: Path) -> Path | None:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    # tight_layout ignores a suptitle: keep ~0.45 inch above the panels for it, or it covers their titles
+    top = 1.0 - (0.45 / fig.get_figheight() if fig._suptitle is not None else 0.0)
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

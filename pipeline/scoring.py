@@ -92,12 +92,34 @@ def _sequence_pairs(model_seq: str, ref_seq: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") -> dict:
+class ReferenceContacts:
+    """lDDT pair lists of reference chains (:func:`pipeline.metrics.lddt_contacts`), computed once per chain.
+
+    Batch scoring compares many models with a few references; the pair search is most of lDDT's work. Keys
+    are the chain objects' ids, and each entry keeps its chain alive so that an id is never reused.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[ProteinChain, tuple, tuple]] = {}
+
+    def get(self, ref: ProteinChain) -> tuple[tuple, tuple]:
+        """(all-atom contacts, CA contacts) of ``ref``."""
+        entry = self._entries.get(id(ref))
+        if entry is None or entry[0] is not ref:
+            entry = (ref, metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask, aatype=ref.aatype),
+                     metrics.lddt_contacts(ref.atom37_positions, ref.atom37_mask, ca_only=True))
+            self._entries[id(ref)] = entry
+        return entry[1], entry[2]
+
+
+def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto",
+                 contacts: ReferenceContacts | None = None) -> dict:
     """All metrics of ``model`` against ``ref`` (normalised by the reference's observed residues).
 
     Returns a dict with ``tm_score, gdt_ts, gdt_ha, rmsd`` (CA, TMscore search / Kabsch RMSD over the
     matched residues), ``lddt`` (all-atom) and ``lddt_ca`` (OST conventions; reference residues missing
     in the model count as not preserved), ``n_aligned`` and ``l_ref``.
+    ``contacts``: a :class:`ReferenceContacts` shared by the calls of a batch (same values, less work).
     Raises ValueError naming both structures when no residue can be matched.
     """
     for chain in (model, ref):  # NaN/inf would end in the SVD of the superposition, far from the cause
@@ -123,8 +145,10 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto") ->
     same_type = model.aatype[model_idx] == ref.aatype[ref_idx]
     # A mutated residue keeps only the atoms both residue types share (by atom37 name).
     pred_mask[ref_idx] = model.atom37_mask[model_idx] * np.where(same_type[:, None], 1.0, ref.atom37_mask[ref_idx])
-    lddt_all = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, aatype=ref.aatype)
-    lddt_ca = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, ca_only=True)
+    all_atom, ca = (contacts or ReferenceContacts()).get(ref)
+    lddt_all = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, aatype=ref.aatype,
+                            contacts=all_atom)
+    lddt_ca = metrics.lddt(pred_pos, ref.atom37_positions, pred_mask, ref.atom37_mask, ca_only=True, contacts=ca)
     return {
         "tm_score": found["tm_score"],
         "gdt_ts": found["gdt_ts"],
@@ -187,12 +211,13 @@ def score_pair(
     return _score_files(model_path, ref_path, chain1, chain2, model1, model2, align, read_chain)
 
 
-def _score_files(model_path, ref_path, chain1, chain2, model1: int, model2: int, align: str, read: Callable) -> dict:
+def _score_files(model_path, ref_path, chain1, chain2, model1: int, model2: int, align: str, read: Callable,
+                 contacts: ReferenceContacts | None = None) -> dict:
     """:func:`score_pair` with the chain reader as a parameter (``read(path, chain=, model=)``)."""
     model = read(model_path, chain=chain1, model=model1)
     ref = read(ref_path, chain=chain2, model=model2)
     try:
-        return score_chains(model, ref, align=align)
+        return score_chains(model, ref, align=align, contacts=contacts)
     except ValueError as exc:
         if "no common residues" in str(exc):
             raise ValueError(f"{model_path} vs {ref_path}: residues: no common residues (align={align!r})") from exc
@@ -238,28 +263,49 @@ def _progress(total: int, description: str):
 
 ERROR_COLUMN = "error"  # batch tables: "" for a scored row, else why it could not be scored
 
+# Seconds to import numba and load the cached kernels (~0.5-0.9 s on a 2-core machine), and the share of a
+# row's time they save on ~300-residue pairs (about half: the TM search and lDDT, not parsing).
+COMPILED_LOAD_S, COMPILED_SAVING = 1.0, 0.5
+
+
+def worth_compiling(rows_done: int, rows_left: int, seconds_so_far: float) -> bool:
+    """Whether the rows left, at this call's pace so far, save more than loading the compiled kernels costs."""
+    return rows_done > 0 and rows_left * (seconds_so_far / rows_done) * COMPILED_SAVING > COMPILED_LOAD_S
+
 
 def _run_rows(rows: Iterable, n_rows: int, score_row: Callable, description: str, show_progress: bool,
               key: Callable) -> list[dict]:
     """score_row(row) for every row; a row that cannot be scored (bad file, NaN coordinates, no common
-    residues) becomes `key(row)` + its error message, so the others are still scored."""
-    unguarded = score_row
+    residues) becomes `key(row)` + its error message, so the others are still scored. Switches to the
+    compiled kernels (same values) once they are worth their load time (:func:`worth_compiling`): a table
+    of a few small pairs stays on NumPy."""
+    import time
 
-    def score_row(row) -> dict:
+    records: list[dict] = []
+    start, compiled = time.perf_counter(), False
+
+    def guarded(row) -> dict:
         try:
-            return {**unguarded(row), ERROR_COLUMN: ""}
+            return {**score_row(row), ERROR_COLUMN: ""}
         except (ValueError, OSError, np.linalg.LinAlgError) as exc:
             return {**key(row), ERROR_COLUMN: str(exc) or type(exc).__name__}
 
-    records = []
+    def one(row) -> None:
+        nonlocal compiled
+        records.append(guarded(row))
+        if not compiled and worth_compiling(len(records), n_rows - len(records), time.perf_counter() - start):
+            compiled = True
+            metrics.use_compiled_kernels()
+
     if show_progress:
         progress, task = _progress(n_rows, description)
         with progress:
             for row in rows:
-                records.append(score_row(row))
+                one(row)
                 progress.advance(task)
     else:
-        records = [score_row(row) for row in rows]
+        for row in rows:
+            one(row)
     return records
 
 
@@ -298,10 +344,12 @@ def score_table(
         return p if p.is_absolute() else base / p
 
     read = _cached_reader()  # for this call only: files may change between calls
+    contacts = ReferenceContacts()  # keyed by the cached chains: one pair search per reference
 
     def score_row(row) -> dict:
         result = _score_files(
-            resolve(row["model"]), resolve(row["ref"]), _cell(row, "chain1"), _cell(row, "chain2"), 1, 1, align, read
+            resolve(row["model"]), resolve(row["ref"]), _cell(row, "chain1"), _cell(row, "chain2"), 1, 1, align, read,
+            contacts,
         )
         return {"id": row["id"], **result}
 
@@ -354,13 +402,19 @@ def score_predictions(
         path = Path(npz) if npz else Path("chains") / f"{chain_id}.npz"
         return path if path.is_absolute() else dataset_dir / path
 
+    natives: dict[Path, ProteinChain] = {}  # several runs' predictions of one chain share its native
+    contacts = ReferenceContacts()
+
     def score_row(row) -> dict:
         pdb = Path(row["pdb"])
         pdb = pdb if pdb.is_absolute() else predictions_csv.parent / pdb
         model = read_chain(pdb)
-        native = _load_native(native_path(row["chain_id"]))
+        path = native_path(row["chain_id"])
+        if path not in natives:
+            natives[path] = _load_native(path)
+        native = natives[path]
         try:
-            result = score_chains(model, native, align=align)
+            result = score_chains(model, native, align=align, contacts=contacts)
         except ValueError as exc:
             raise ValueError(f"{pdb} vs {native.source_file}: {exc}") from exc
         plddt = row.get("mean_plddt", np.nan)

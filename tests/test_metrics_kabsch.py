@@ -31,7 +31,15 @@ def _rmsd(rot: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _svd_rotation(cov: np.ndarray) -> np.ndarray:
-    return metrics._rotation_svd(torch.from_numpy(cov)).numpy()
+    """The SVD solution best_rotation falls back to for NumPy input (LAPACK through NumPy)."""
+    return metrics._rotation_svd(cov)
+
+
+def test_numpy_and_torch_svd_agree():
+    """The NumPy SVD fallback and the torch one (differentiable path) give the same rotation where it is unique."""
+    rng = np.random.default_rng(9)
+    x, y, cov = _centred_covariance(rng.normal(size=(30, 12, 3)), rng.normal(size=(30, 12, 3)))
+    np.testing.assert_allclose(metrics._rotation_svd(torch.from_numpy(cov)).numpy(), _svd_rotation(cov), atol=1e-10)
 
 
 def _check_against_svd(x: np.ndarray, y: np.ndarray, same_rotation: bool) -> np.ndarray:

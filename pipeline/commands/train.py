@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop (checkpointed, exit 4, no summary.json) at this wall time: SECONDS from now, or "
                              "`auto` = before the time limit of the SLURM job this runs in (none outside SLURM)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the predicted step peak memory (ESMFold v1 shapes, pipeline/memory_plan.py) and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, values parsed as YAML (adapter.rank=4 trainer.recycles=[0,3])")
 
@@ -34,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from pipeline.memory_plan import estimate
+
+    predicted_gb, memory_line = estimate(cfg)
+    if args.dry_run:
+        print(memory_line)
+        return 0
+    warn_if_over_gpu_memory(predicted_gb, memory_line)
 
     try:
         deadline = resolve_deadline(args.deadline)
@@ -80,6 +89,22 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['steps']} steps in {summary['train_seconds']:.1f} s; final loss {summary['final_train_loss']}; "
           f"best val TM {summary['best_val_tm_score']} -> {result.run_dir}")
     return 0
+
+
+def warn_if_over_gpu_memory(predicted_gb: float | None, memory_line: str) -> bool:
+    """One warning line on stderr when the predicted step peak exceeds the visible GPU's memory; returns it."""
+    if predicted_gb is None:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if predicted_gb <= total_gb:
+        return False
+    print(f"foldtune train: warning: {memory_line} > {total_gb:.0f} GB on {torch.cuda.get_device_name(0)}; "
+          "consider trainer.grad_checkpointing=true, adapter.part=trunk or a smaller data.crop_size", file=sys.stderr)
+    return True
 
 
 def _slurm_seconds(text: str) -> float | None:

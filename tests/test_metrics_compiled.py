@@ -1,0 +1,85 @@
+"""The numba kernels of pipeline/kernels.py give the NumPy code's results (lDDT: identical counts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.structure import read_chain
+from pipeline import metrics, scoring
+from tests.shared_data import SHARED_STRUCTURES
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture
+def numpy_then_compiled():
+    """Runs a function with the kernels off, then on; restores the off state (the default) afterwards."""
+    def both(fn):
+        metrics.use_compiled_kernels(False)
+        plain = fn()
+        assert metrics.use_compiled_kernels(True)
+        try:
+            compiled = fn()
+        finally:
+            metrics.use_compiled_kernels(False)
+        return plain, compiled
+    return both
+
+
+def test_lddt_kernels_equal_numpy(numpy_then_compiled):
+    model = read_chain(SHARED_STRUCTURES / "7w1f_B_model.pdb")
+    ref = read_chain(SHARED_STRUCTURES / "7w1f_B_target.pdb")
+    mi, ri = scoring.match_residues(model, ref)
+    pred = np.zeros_like(ref.atom37_positions)
+    pmask = np.zeros_like(ref.atom37_mask)
+    pred[ri], pmask[ri] = model.atom37_positions[mi], model.atom37_mask[mi]
+    pmask[::7] = 0  # some missing model atoms and residues
+    rng = np.random.default_rng(0)
+    pred = pred + rng.normal(scale=0.7, size=pred.shape)  # shifts around every threshold
+
+    def scores():
+        return (metrics.lddt(pred, ref.atom37_positions, pmask, ref.atom37_mask, aatype=ref.aatype),
+                metrics.lddt(pred, ref.atom37_positions, pmask, ref.atom37_mask, aatype=ref.aatype, per_residue=True),
+                metrics.lddt(pred, ref.atom37_positions, pmask, ref.atom37_mask, ca_only=True),
+                metrics.lddt(pred, ref.atom37_positions, pmask, ref.atom37_mask))
+
+    plain, compiled = numpy_then_compiled(scores)
+    for a, b in zip(plain, compiled):
+        np.testing.assert_array_equal(a, b)
+    assert 0.3 < plain[0] < 0.99
+
+
+def test_tm_search_kernels_agree_with_numpy(numpy_then_compiled):
+    """TM-score / GDT / RMSD of the compiled search equal the NumPy search's on real and perturbed pairs."""
+    rng = np.random.default_rng(1)
+    cases = []
+    for model_name, ref_name, chain in (("7w1f_B_model.pdb", "7w1f_B_target.pdb", None),
+                                        ("7sgn_C_model.pdb", "7sgn_C_target.pdb", None),
+                                        ("1tii.pdb", "1tii.pdb", ("D", "E")),
+                                        ("1l2y.pdb", "1l2y.pdb", None)):
+        model = read_chain(SHARED_STRUCTURES / model_name, chain=chain[0] if chain else None)
+        ref = read_chain(SHARED_STRUCTURES / ref_name, chain=chain[1] if chain else None,
+                         model=2 if model_name == "1l2y.pdb" else 1)
+        mi, ri = scoring.match_residues(model, ref, "number")
+        both = (model.atom37_mask[mi, 1] > 0) & (ref.atom37_mask[ri, 1] > 0)
+        x, y = model.atom37_positions[mi[both], 1].astype(np.float64), ref.atom37_positions[ri[both], 1]
+        cases.append((x, y, int((ref.atom37_mask[:, 1] > 0).sum())))
+        for scale in (0.5, 2.0, 5.0):  # noisier copies: other trajectories, more rounds
+            cases.append((x + rng.normal(scale=scale, size=x.shape), y, cases[-1][2]))
+
+    def scores():
+        return [metrics.tm_score(x, y, l_ref=l_ref) for x, y, l_ref in cases]
+
+    plain, compiled = numpy_then_compiled(scores)
+    for a, b in zip(plain, compiled):
+        assert a["n_aligned"] == b["n_aligned"] and a["l_ref"] == b["l_ref"]
+        for key in ("tm_score", "gdt_ts", "gdt_ha", "rmsd"):
+            assert abs(a[key] - b[key]) <= 1e-9, (key, a, b)
+
+
+def test_batch_scoring_switches_kernels_on_only_when_worth_it():
+    """Kernels load (~1 s) only when the rows left are expected to save more than that."""
+    assert not scoring.worth_compiling(0, 100, 0.0)
+    assert not scoring.worth_compiling(5, 15, 0.05)  # 20 small pairs: 0.15 s left in all
+    assert scoring.worth_compiling(1, 99, 0.04)  # 100 pairs of ~40 ms: ~4 s left
