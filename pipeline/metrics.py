@@ -877,9 +877,11 @@ def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndar
 
 def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, n_groups: int,
             n_thresholds: int, per_residue: bool, empty: float) -> np.ndarray:
-    """Global (...) or per-group (..., n_groups) lDDT from per-atom counts (..., M)."""
+    """Global (...) or per-group (..., n_groups) lDDT from per-atom counts (..., M). `empty`: the score where
+    the reference has no pair to check (a single residue): undefined (NaN) for scoring, 0 in training."""
     if not per_residue:
-        return preserved.sum(-1) / np.maximum(n_thresholds * total.sum(-1), 1e-12)
+        pairs = total.sum(-1)
+        return np.where(pairs > 0, preserved.sum(-1) / np.maximum(n_thresholds * pairs, 1e-12), empty)
     if group is not None:
         preserved = np.bincount(group, preserved, n_groups)
         total = np.bincount(group, total, n_groups)

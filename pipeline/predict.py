@@ -125,14 +125,24 @@ def targets_from_fasta(path: str | Path) -> list[Target]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: fasta: file not found")
+    first = next((line for line in path.read_text(errors="replace").splitlines() if line.strip()), "")
+    if first and not first.startswith(">"):  # Biopython would drop the lines before the first header
+        raise ValueError(f"{path}: fasta: no '>' header line before the sequence (starts with {first[:20]!r})")
     targets, seen = [], set()
     for record in SeqIO.parse(str(path), "fasta"):
         chain_id = _safe_id(record.id)
-        sequence = str(record.seq).replace("*", "").strip()
+        sequence = str(record.seq).strip()
+        sequence = sequence[:-1] if sequence.endswith("*") else sequence  # a trailing stop codon
         if not sequence:
             raise ValueError(f"{path}: {record.id}: empty sequence")
         if ":" in sequence:
             raise ValueError(f"{path}: {record.id}: multimers (':') are not supported")
+        # Anything but letters would silently become X (unknown): a gap, a digit, an inner stop is a bad file.
+        odd = next((i for i, c in enumerate(sequence) if not c.isalpha()), None)
+        if odd is not None:
+            found = "".join(sorted({c for c in sequence if not c.isalpha()}))
+            raise ValueError(f"{path}: {record.id}: {found!r} are not residue letters (first at position "
+                             f"{odd + 1}; '*' is a stop only at the end)")
         if chain_id in seen:
             raise ValueError(f"{path}: {record.id}: duplicate id")
         seen.add(chain_id)

@@ -134,6 +134,7 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto",
             f"(align={align!r}; model numbers {_span(model)}, reference numbers {_span(ref)})"
         )
     l_ref = int((ref.atom37_mask[:, ca] > 0).sum())
+    _warn_if_other_protein(model, ref, model_idx, ref_idx, align)
     found = metrics.tm_score(
         model.atom37_positions[model_idx, ca], ref.atom37_positions[ref_idx, ca], l_ref=l_ref
     )
@@ -158,6 +159,27 @@ def score_chains(model: ProteinChain, ref: ProteinChain, align: str = "auto",
         "n_aligned": int(model_idx.size),
         "l_ref": l_ref,
     }
+
+
+class ScoreWarning(UserWarning):
+    """A score that is computed but probably not what was meant (`foldtune score` prints it as one line)."""
+
+
+# Matched residues of another type than this fraction: two different proteins matched by number, not mutants.
+MISMATCH_WARNING = 0.1
+
+
+def _warn_if_other_protein(model: ProteinChain, ref: ProteinChain, model_idx: np.ndarray, ref_idx: np.ndarray,
+                           align: str) -> None:
+    if resolve_align(model, ref, align) == "sequence":
+        return
+    differ = int((model.aatype[model_idx] != ref.aatype[ref_idx]).sum())
+    if differ > MISMATCH_WARNING * model_idx.size:
+        import warnings
+
+        warnings.warn(f"{_describe(model)} vs {_describe(ref)}: {differ} of {model_idx.size} residues matched by "
+                      f"{resolve_align(model, ref, align)} differ in type (other proteins?); --align sequence "
+                      "matches them by a sequence alignment", ScoreWarning, stacklevel=3)
 
 
 def _require_finite(chain: ProteinChain) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.cli import main
 from tests._adapter_runs import make_run
+from tests.shared_data import SHARED_STRUCTURES
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples" / "structures"
 
@@ -130,3 +131,43 @@ def test_score_says_truncated_for_an_mmcif_cut_in_a_row(tmp_path, capsys):
     pd.DataFrame({"id": ["cut"], "model": [str(cut)], "ref": [str(SAMPLES / "1a7g.cif")]}).to_csv(pairs, index=False)
     assert main(["score", "--pairs", str(pairs), "--out", str(tmp_path / "s.csv"), "--no-progress"]) == 1
     assert "mmCIF: truncated" in pd.read_csv(tmp_path / "s.csv").error[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("MKTAYIAKQR\n>x\nMKT\n", "fasta: no '>' header line before the sequence"),
+    (">x\nMKT1AYI\n", "x: '1' are not residue letters (first at position 4"),
+    (">x\nMKT-A.Y#I\n", "x: '#-.' are not residue letters (first at position 4"),
+    (">x\nMKT*AYI\n", "x: '*' are not residue letters (first at position 4; '*' is a stop only at the end)"),
+])
+def test_predict_refuses_a_fasta_it_would_misread(tmp_path, capsys, text, message):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(text)
+    assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"foldtune predict: {fasta}: {message}") and err.count("\n") == 1
+
+
+def test_predict_fasta_with_a_final_stop_is_read(tmp_path):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">x\nMKTAYIAKQR*\n")
+    assert main(["predict", "--baseline", "ideal-helix", "--fasta", str(fasta), "--out", str(tmp_path / "p")]) == 0
+    assert pd.read_csv(tmp_path / "p" / "predictions.csv").length.tolist() == [10]
+
+
+def test_score_warns_when_residues_matched_by_number_are_other_proteins(tmp_path, capsys):
+    from pipeline import scoring
+
+    trp, ubiquitin = SHARED_STRUCTURES / "1l2y.pdb", SHARED_STRUCTURES / "1ubi.pdb"  # numbers 1..20 and 1..76
+    assert main(["score", str(trp), str(ubiquitin), "--align", "number"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"foldtune score: warning: {trp} vs {ubiquitin}: ") and "--align sequence" in err
+    assert err.count("\n") == 1
+    assert main(["score", str(trp), str(trp), "--align", "number"]) == 0
+    assert main(["score", str(trp), str(ubiquitin), "--align", "sequence"]) == 0
+    assert capsys.readouterr().err == ""
+    # A one-residue reference has no pair to check: lDDT is undefined, not 0.
+    one = tmp_path / "one.pdb"
+    one.write_text("".join(line for line in trp.read_text().splitlines(True)
+                           if line.startswith("ATOM") and int(line[22:26]) == 1) + "END\n")
+    result = scoring.score_pair(trp, one, align="number")
+    assert result["n_aligned"] == 1 and result["lddt"] != result["lddt"] and result["lddt_ca"] != result["lddt_ca"]

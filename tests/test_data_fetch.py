@@ -284,6 +284,7 @@ def test_another_entry_served_for_the_requested_id_is_rejected(tmp_path, server)
     (b'{"result_set": [{"score": 1.0}]}', "result_set[0]: no `identifier`"),
     (b"<html>busy</html>", "search http://127.0.0.1:"),
     (b"[1, 2]", "expected a JSON object with result_set"),
+    (b"", "search http://127.0.0.1:"),  # an empty answer
 ])
 def test_malformed_search_answers_are_one_line_naming_the_search(tmp_path, server, capsys, reply, message):
     base, _ = server

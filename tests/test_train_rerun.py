@@ -5,6 +5,8 @@ stopped at its deadline is checkpointed, incomplete, and resumable."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import lightning.pytorch as pl
 import pytest
@@ -163,3 +165,31 @@ def test_resume_names_a_run_config_that_is_not_yaml(dataset, tmp_path, capsys):
     assert main(["train", "--config", good, "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'run' / 'config.yaml'}: not valid YAML (line" in err and "Traceback" not in err
+
+
+class _CtrlC(pl.Callback):
+    """The user presses Ctrl-C at this step: a real SIGINT to this process."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_in_training_is_one_line_and_the_run_resumes(dataset, tmp_path, capsys, monkeypatch):
+    import pipeline.train as train_module
+
+    cfg = _cfg(dataset, tmp_path / "run")
+    config = _write(cfg, tmp_path / "cfg.yaml")
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda c, **kw: real_train(c, extra_callbacks=[_CtrlC(3)], **kw))
+    try:
+        assert main(["train", "--config", config]) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after its shutdown
+    assert "foldtune train: interrupted (Ctrl-C); the run continues from" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "train", real_train)
+    assert main(["train", "--config", config, "--rerun"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 5

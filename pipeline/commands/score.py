@@ -52,6 +52,22 @@ def _format(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from pipeline import scoring
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scoring.ScoreWarning)
+        code = _run(args)
+    for warning in caught:
+        if issubclass(warning.category, scoring.ScoreWarning):
+            print(f"foldtune score: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline import scoring
 
     try:

@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         resume = prepare_rerun(cfg) if args.rerun else args.resume
         result = train(cfg, resume=resume, deadline=deadline)
+    except (KeyboardInterrupt, SystemExit):  # Lightning ends its graceful Ctrl-C shutdown with sys.exit(1)
+        print(f"foldtune train: interrupted (Ctrl-C); the run continues from {cfg['output_dir']}/checkpoints/"
+              "last.ckpt with --resume (or --rerun), when it has one", file=sys.stderr)
+        return 130
     except OSError as exc:
         print(f"foldtune train: {exc.filename or cfg['output_dir']}: {exc.strerror or exc}", file=sys.stderr)
         return 2
