@@ -297,10 +297,13 @@ def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool 
                     if block_params is None:
                         block_params = _block_params(widths)
                     extra = 4 * block_params / 2**20
-                trainable = counts[mode][0]
+                trainable, total = counts[mode]
                 mb = predict_mb({**entry, "fixed": {measured_mode: entry["fixed"][measured_mode]},
                                  "stem_layer": {measured_mode: entry["stem_layer"][measured_mode]}},
                                 measured_mode, ckpt, FULL_LAYERS, FULL_BLOCKS, trainable, extra)
+                # At the optimizer step weights, every gradient and the AdamW state coexist (activations freed):
+                # with few layers the measured peak falls earlier in backward, before most gradients exist.
+                mb = max(mb, (4 * total + 12 * trainable) / 2**20)
                 gb = mb / 1024
                 fits_in = [f"{size}" for size in GPU_SIZES_GB if gb <= size]
                 pred_rows.append([crop, mode, "on" if ckpt else "off", f"{gb:.1f}",
@@ -310,7 +313,9 @@ def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool 
         f"Predicted step peak of ESMFold v1 ({FULL_LAYERS} stem layers + {FULL_BLOCKS} trunk blocks), fp32, batch 1",
         ["crop", "method", "trunk checkpointing", "predicted peak (GB)", "fits"], pred_rows,
         ["predicted = F + 36 S + 48 T + AdamW state (8 B x trainable parameters of the full model, counted on the "
-         "meta device); 'full' trains everything (its trunk blocks also hold gradients: + 4 B x block params); "
+         "meta device), and at least weights + gradients + AdamW state together (4 B x all + 12 B x trainable "
+         "parameters: the optimizer step; this floor decides 'full', ~52.5 GB); 'full' trains everything (its "
+         "trunk blocks also hold gradients: + 4 B x block params); "
          "GB = 2^30 bytes; GPU framework overhead (CUDA context, allocator fragmentation, ~1-3 GB) is not in it",
          "bf16 autocast not measured on CPU: it halves activation bytes of the matmuls it covers, not the fp32 "
          "weights, gradients or optimizer state"]))
