@@ -16,8 +16,10 @@ Model of the cost: peak(N, M, L) = F(L) + N * S(L) + M * T(L) + 8 * trainable, w
 (weights; plus activations and gradients when the stem is trained), T a trunk block (L^2 pair activations
 dominate) and F the rest (embeddings, structure module, heads, the crop's inputs). S and T come from
 (2, 1) - (1, 1) and (1, 2) - (1, 1); the fit is checked against a measured (3, 1) and (1, 3) before being
-extrapolated to N = 36, M = 48. Per crop a separate fit (no assumption on how S and T grow with L); the JSON
-adds S(L) = s0 + s1 L + s2 L^2 and T(L) likewise through the measured crops (exact with three crops).
+extrapolated to N = 36, M = 48. Per crop a separate fit (no assumption on how S and T grow with L: a block's
+pair activations grow ~L^2, 0.77 -> 2.1 GB from crop 128 to 256). Trunk checkpointing adds a fixed offset
+(one block recomputed during its backward), and the prediction is at least weights + gradients + AdamW state
+(their sum at the optimizer step). `--json` writes the predicted table that `foldtune train --dry-run` reads.
 """
 
 from __future__ import annotations
