@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.foldtune-installed
 CONFIG ?= configs/demo.yaml
 CORES  ?= 2
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: install
 bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# On a CUDA machine: ESMFold v1 steps vs the memory plan, predict throughput, adapter ratios -> docs/gpu_check.md
+# (GPU_ARGS=--tiny: the same on tiny CPU shapes).
+bench-gpu: install
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	$(PY) benchmarks/gpu_check.py $(GPU_ARGS)
 
 lint: install
 	$(VENV)/bin/snakemake -s snakemake/Snakefile --configfile $(CONFIG) --lint

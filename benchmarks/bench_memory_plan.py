@@ -16,8 +16,10 @@ Model of the cost: peak(N, M, L) = F(L) + N * S(L) + M * T(L) + 8 * trainable, w
 (weights; plus activations and gradients when the stem is trained), T a trunk block (L^2 pair activations
 dominate) and F the rest (embeddings, structure module, heads, the crop's inputs). S and T come from
 (2, 1) - (1, 1) and (1, 2) - (1, 1); the fit is checked against a measured (3, 1) and (1, 3) before being
-extrapolated to N = 36, M = 48. Per crop a separate fit (no assumption on how S and T grow with L); the JSON
-adds S(L) = s0 + s1 L + s2 L^2 and T(L) likewise through the measured crops (exact with three crops).
+extrapolated to N = 36, M = 48. Per crop a separate fit (no assumption on how S and T grow with L: a block's
+pair activations grow ~L^2, 0.77 -> 2.1 GB from crop 128 to 256). Trunk checkpointing adds a fixed offset
+(one block recomputed during its backward), and the prediction is at least weights + gradients + AdamW state
+(their sum at the optimizer step). `--json` writes the predicted table that `foldtune train --dry-run` reads.
 """
 
 from __future__ import annotations
@@ -158,16 +160,36 @@ def plan(crops: list[int], widths: str = "v1") -> list[Point]:
             points += [Point(crop, 1, 1, mode, False, widths=widths), Point(crop, 2, 1, mode, False, widths=widths)]
         points += [Point(crop, 1, 2, "lora+stem", False, widths=widths), Point(crop, 1, 1, "lora+stem", True, widths=widths),
                    Point(crop, 1, 2, "lora+stem", True, widths=widths)]
-    points += [Point(crops[-1], 1, 1, "lorta+stem", False, widths=widths),
-               Point(crops[-1], 2, 1, "lorta+stem", False, widths=widths)]
+    points += [Point(crops[0], 1, 1, "lorta+stem", False, widths=widths),  # LoRTA vs LoRA: the cheapest crop
+               Point(crops[0], 2, 1, "lorta+stem", False, widths=widths)]
     # depth checks of the linear model (the smallest crop: cheapest)
     points += [Point(crops[0], 3, 1, "lora+stem", False, widths=widths),
-               Point(crops[0], 1, 3, "lora+stem", False, widths=widths)]
+               Point(crops[0], 1, 3, "lora+stem", False, widths=widths),
+               Point(crops[0], 1, 3, "lora+stem", True, widths=widths)]
     return points
 
 
-def fit(results: dict[Point, dict], crops: list[int]) -> dict:
-    """Per crop: stem layer S per mode, trunk block T per checkpointing, fixed part F (MiB, no optimizer)."""
+def reuse(markdown: Path, widths: str = "v1") -> dict[Point, dict]:
+    """Measurements of an earlier run's "Measured" table (its --out file), so that a rerun measures only new points."""
+    found: dict[Point, dict] = {}
+    for line in markdown.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or not cells[0].isdigit():
+            continue
+        crop, layers, blocks, mode, ckpt, peak, trainable, seconds = cells
+        if mode not in MODES:
+            continue
+        point = Point(int(crop), int(layers), int(blocks), mode, ckpt == "on", widths=widths)
+        found[point] = {"peak_mb": float(peak), "trainable": int(float(trainable) * 1e6), "seconds": float(seconds)}
+    return found
+
+
+def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.0) -> dict:
+    """Per crop: stem layer S per mode, trunk block T per checkpointing, fixed part F (MiB, no optimizer).
+
+    ``block_floor_mb``: what a block holds at least (its weights); a checkpointed block's difference is below
+    the resident-memory noise (~50-100 MiB) at small crops, so it is taken as at least that.
+    """
     out: dict = {}
     for crop in crops:
         peak = {(p.layers, p.blocks, p.mode, p.checkpointing): r["peak_mb"] for p, r in results.items()
@@ -178,11 +200,18 @@ def fit(results: dict[Point, dict], crops: list[int]) -> dict:
                 entry["stem_layer"][mode] = peak[(2, 1, mode, False)] - peak[(1, 1, mode, False)]
         for ckpt in (False, True):
             if (1, 1, "lora+stem", ckpt) in peak and (1, 2, "lora+stem", ckpt) in peak:
-                entry["block"]["on" if ckpt else "off"] = peak[(1, 2, "lora+stem", ckpt)] - peak[(1, 1, "lora+stem", ckpt)]
+                entry["block"]["on" if ckpt else "off"] = max(
+                    peak[(1, 2, "lora+stem", ckpt)] - peak[(1, 1, "lora+stem", ckpt)], block_floor_mb)
         block_off = entry["block"].get("off")
         for mode, layer in entry["stem_layer"].items():
             if block_off is not None:
                 entry["fixed"][mode] = peak[(1, 1, mode, False)] - layer - block_off
+        # Checkpointing also holds one block's recomputed activations during its backward: a fixed offset,
+        # measured at (1, 1) against the model without checkpointing.
+        entry["ckpt_offset"] = {"off": 0.0}
+        if "on" in entry["block"] and "lora+stem" in entry["fixed"] and (1, 1, "lora+stem", True) in peak:
+            entry["ckpt_offset"]["on"] = (peak[(1, 1, "lora+stem", True)] - entry["fixed"]["lora+stem"]
+                                          - entry["stem_layer"]["lora+stem"] - entry["block"]["on"])
         out[crop] = entry
     return out
 
@@ -190,16 +219,23 @@ def fit(results: dict[Point, dict], crops: list[int]) -> dict:
 def predict_mb(entry: dict, mode: str, checkpointing: bool, layers: int, blocks: int, trainable: int,
                full_block_extra_mb: float = 0.0) -> float:
     """Step peak (MiB) of N layers / M blocks from one crop's fit, AdamW state included."""
-    block = entry["block"]["on" if checkpointing else "off"] + full_block_extra_mb
-    return entry["fixed"][mode] + layers * entry["stem_layer"][mode] + blocks * block + 8 * trainable / 2**20
+    state = "on" if checkpointing else "off"
+    block = entry["block"][state] + full_block_extra_mb
+    return (entry["fixed"][mode] + entry.get("ckpt_offset", {}).get(state, 0.0) + layers * entry["stem_layer"][mode]
+            + blocks * block + 8 * trainable / 2**20)
 
 
-def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool = True) -> tuple[list, dict]:
-    """Measure the plan's points (a fresh process each unless ``fresh_process`` is False: a smoke test),
-    fit, extrapolate; returns (markdown sections, {"crops": {crop: {"method|ckpt": predicted GB}}, ...})."""
+def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool = True,
+        known: dict[Point, dict] | None = None) -> tuple[list, dict]:
+    """Measure the plan's points (a fresh process each unless ``fresh_process`` is False: a smoke test;
+    ``known``: earlier measurements, reused), fit, extrapolate; returns (markdown sections,
+    {"crops": {crop: {"method|ckpt": predicted GB}}, ...})."""
     points = plan(crops, widths)
     results: dict[Point, dict] = {}
     for k, point in enumerate(points, 1):
+        if known and point in known:
+            results[point] = known[point]
+            continue
         log(f"[{k}/{len(points)}] {point}")
         if not fresh_process:
             results[point] = measure(point)
@@ -209,7 +245,8 @@ def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool 
                                         {"point": asdict(point), "threads": threads}, timeout=900)
         except WorkerFailed as exc:
             log(f"failed: {exc.summary}")
-    fits = fit(results, crops)
+    block_weights_mb = 4 * _block_params(widths) / 2**20
+    fits = fit(results, crops, block_floor_mb=block_weights_mb)
     sections = []
     rows = [[p.crop, p.layers, p.blocks, p.mode, "on" if p.checkpointing else "off", f"{r['peak_mb']:.0f}",
              f"{r['trainable'] / 1e6:.2f}", f"{r['seconds']:.1f}"] for p, r in results.items()]
@@ -224,15 +261,21 @@ def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool 
         for mode, layer in entry["stem_layer"].items():
             fit_rows.append([crop, mode, f"{layer:.0f}", f"{entry['block'].get('off', float('nan')):.0f}",
                              f"{entry['block'].get('on', float('nan')):.0f}", f"{entry['fixed'].get(mode, float('nan')):.0f}"])
-        for (layers, blocks) in ((3, 1), (1, 3)):
-            point = Point(crop, layers, blocks, "lora+stem", False)
-            if point in results and "lora+stem" in entry["fixed"]:
+        for (layers, blocks, ckpt) in ((3, 1, False), (1, 3, False), (1, 3, True)):
+            point = next((p for p in results if (p.crop, p.layers, p.blocks, p.mode, p.checkpointing)
+                          == (crop, layers, blocks, "lora+stem", ckpt)), None)
+            state = "on" if ckpt else "off"
+            if point is not None and "lora+stem" in entry["fixed"] and state in entry["block"]:
                 predicted = (entry["fixed"]["lora+stem"] + layers * entry["stem_layer"]["lora+stem"]
-                             + blocks * entry["block"]["off"])
+                             + blocks * entry["block"][state] + entry.get("ckpt_offset", {}).get(state, 0.0))
                 measured = results[point]["peak_mb"]
-                check_notes.append(f"depth check crop {crop}, {layers} layers / {blocks} blocks (lora+stem): "
-                                   f"predicted {predicted:.0f} MiB, measured {measured:.0f} MiB "
-                                   f"({(predicted - measured) / measured * 100:+.1f} %)")
+                check_notes.append(f"depth check crop {crop}, {layers} layers / {blocks} blocks (lora+stem, trunk "
+                                   f"checkpointing {state}): predicted {predicted:.0f} MiB, measured {measured:.0f} "
+                                   f"MiB ({(predicted - measured) / measured * 100:+.1f} %)")
+    check_notes.append(f"a checkpointed block is taken as at least its weights ({block_weights_mb:.0f} MiB) when the "
+                       "measured difference is smaller (below the resident-memory noise); checkpointing adds a "
+                       "fixed offset (one block recomputed during backward), measured at (1, 1): "
+                       + ", ".join(f"crop {c} {e['ckpt_offset'].get('on', float('nan')):.0f} MiB" for c, e in fits.items()))
     sections.append(make_section("Per-unit costs (MiB), from the (2,1) - (1,1) and (1,2) - (1,1) differences",
                                  ["crop", "method", "stem layer", "trunk block (ckpt off)", "trunk block (ckpt on)",
                                   "rest F"], fit_rows, check_notes))
@@ -256,10 +299,13 @@ def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool 
                     if block_params is None:
                         block_params = _block_params(widths)
                     extra = 4 * block_params / 2**20
-                trainable = counts[mode][0]
+                trainable, total = counts[mode]
                 mb = predict_mb({**entry, "fixed": {measured_mode: entry["fixed"][measured_mode]},
                                  "stem_layer": {measured_mode: entry["stem_layer"][measured_mode]}},
                                 measured_mode, ckpt, FULL_LAYERS, FULL_BLOCKS, trainable, extra)
+                # At the optimizer step weights, every gradient and the AdamW state coexist (activations freed):
+                # with few layers the measured peak falls earlier in backward, before most gradients exist.
+                mb = max(mb, (4 * total + 12 * trainable) / 2**20)
                 gb = mb / 1024
                 fits_in = [f"{size}" for size in GPU_SIZES_GB if gb <= size]
                 pred_rows.append([crop, mode, "on" if ckpt else "off", f"{gb:.1f}",
@@ -269,7 +315,9 @@ def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool 
         f"Predicted step peak of ESMFold v1 ({FULL_LAYERS} stem layers + {FULL_BLOCKS} trunk blocks), fp32, batch 1",
         ["crop", "method", "trunk checkpointing", "predicted peak (GB)", "fits"], pred_rows,
         ["predicted = F + 36 S + 48 T + AdamW state (8 B x trainable parameters of the full model, counted on the "
-         "meta device); 'full' trains everything (its trunk blocks also hold gradients: + 4 B x block params); "
+         "meta device), and at least weights + gradients + AdamW state together (4 B x all + 12 B x trainable "
+         "parameters: the optimizer step; this floor decides 'full', ~52.5 GB); 'full' trains everything (its "
+         "trunk blocks also hold gradients: + 4 B x block params); "
          "GB = 2^30 bytes; GPU framework overhead (CUDA context, allocator fragmentation, ~1-3 GB) is not in it",
          "bf16 autocast not measured on CPU: it halves activation bytes of the matmuls it covers, not the fp32 "
          "weights, gradients or optimizer state"]))
@@ -291,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the predicted table (GB) as JSON")
     parser.add_argument("--crops", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="earlier --out files: their measured points are not measured again")
     parser.add_argument("--widths", choices=sorted(WIDTHS), default="v1",
                         help="v1: ESMFold v1 widths (the plan); tiny: a fast smoke test of this script")
     args = parser.parse_args(argv)
@@ -298,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
     load_before = load_average()
-    sections, plan_json = run(sorted(args.crops), args.threads, args.widths)
+    known: dict[Point, dict] = {}
+    for earlier in args.reuse:
+        known.update(reuse(earlier, args.widths))
+    sections, plan_json = run(sorted(args.crops), args.threads, args.widths, known=known)
     text = "\n".join(s.markdown() for s in sections) + "\n" + info_block(
         machine_info(), "python -m benchmarks.bench_memory_plan " + " ".join(argv or sys.argv[1:]), load_before,
         load_average()) + "\n"

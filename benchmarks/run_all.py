@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import REPO_ROOT, Section, info_block, load_average, log, machine_info  # noqa: E402
 
-SUITES = ("adapters", "folding", "metrics", "demo")
+SUITES = ("adapters", "folding", "metrics", "demo", "memory")
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis:begin -->", "<!-- analysis:end -->"
 QUIET_LOAD = 1.5
 
@@ -67,13 +67,34 @@ def metrics_sections(quick: bool, metrics_args: tuple[str, ...] = ()) -> list[Se
     return [Section(title, body, notes)]
 
 
+def memory_sections(quick: bool, memory_args: tuple[str, ...] = ()) -> list[Section]:
+    """benchmarks/bench_memory_plan.py (ESMFold v1 widths, fresh process per point; ~10-20 CPU minutes, or
+    `--memory-args '--reuse .bench/memory_plan.md'` to refit earlier measurements); it also writes
+    pipeline/memory_plan.json, which `foldtune train --dry-run` reads. Skipped by --quick."""
+    title = "ESMFold v1 memory plan (benchmarks/bench_memory_plan.py)"
+    if quick:
+        return [Section(title, "skipped in --quick (one fresh process per point at ESMFold v1 widths)")]
+    out = REPO_ROOT / ".bench" / "memory_plan.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.bench_memory_plan", "--out", str(out), "--json",
+           "pipeline/memory_plan.json", *memory_args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    notes = [f"command: `python {' '.join(shlex.quote(c) for c in cmd[1:])}` (exit {proc.returncode})"]
+    text = out.read_text() if out.is_file() and proc.returncode == 0 else proc.stdout
+    body = "\n".join("####" + line.lstrip("#") if line.startswith("#") else line
+                      for line in text.strip().splitlines()) or "(no output)"
+    if proc.returncode != 0:
+        notes.append("stderr tail: " + proc.stderr.strip()[-1500:].replace("\n", " ⏎ "))
+    return [Section(title, body, notes)]
+
+
 def gpu_placeholder(what: str) -> Section:
     return Section(f"{what} — GPU", "not run: no GPU (run `make bench BENCH_ARGS=--gpu` on a CUDA machine)")
 
 
 def run_suite(name: str, gpu: bool, quick: bool, metrics_args: tuple[str, ...] = (),
-              adapter_tables: tuple[str, ...] = ("steps", "ratios", "dense", "merged"), reduced: bool = False
-              ) -> list[Section]:
+              adapter_tables: tuple[str, ...] = ("steps", "ratios", "dense", "merged"), reduced: bool = False,
+              memory_args: tuple[str, ...] = ()) -> list[Section]:
     if name == "adapters":
         from benchmarks import bench_adapters
 
@@ -89,6 +110,8 @@ def run_suite(name: str, gpu: bool, quick: bool, metrics_args: tuple[str, ...] =
         return sections
     if name == "metrics":
         return metrics_sections(quick, metrics_args)
+    if name == "memory":
+        return memory_sections(quick, memory_args)
     if name == "demo":
         if quick:
             return [Section("`make demo` wall time", "skipped in --quick (a clean install takes minutes)")]
@@ -99,7 +122,8 @@ def run_suite(name: str, gpu: bool, quick: bool, metrics_args: tuple[str, ...] =
 
 
 TITLES = {"adapters": "1. Adapter training step (ESM-2 shapes)", "folding": "2. Folding training step",
-          "metrics": "3. Structure metrics", "demo": "4. Pipeline: `make demo`"}
+          "metrics": "3. Structure metrics", "demo": "4. Pipeline: `make demo`",
+          "memory": "5. ESMFold v1 memory plan (CPU-measured, extrapolated)"}
 
 
 def render(blocks: dict[str, str], header: str, analysis: str) -> str:
@@ -151,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                              "separate files) into --out before writing; suites run now take precedence")
     parser.add_argument("--metrics-args", default="",
                         help="extra arguments for benchmarks/bench_metrics.py, e.g. '--rounds 1'")
+    parser.add_argument("--memory-args", default="",
+                        help="extra arguments for benchmarks/bench_memory_plan.py, e.g. '--reuse .bench/memory_plan.md'")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: torch.cuda.is_available() is False on this machine")
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         log(f"suite {name}")
         sections = run_suite(name, args.gpu, args.quick, tuple(shlex.split(args.metrics_args)),
-                             tuple(args.adapter_tables), args.reduced)
+                             tuple(args.adapter_tables), args.reduced, tuple(shlex.split(args.memory_args)))
         meta = (f"_{machine_info(device)['date']}: `{command.strip()}`; torch threads {torch.get_num_threads()}; "
                 f"suite wall time "
                 f"{time.perf_counter() - start:.0f} s; load average (1/5/15 min) before {before}, after "
