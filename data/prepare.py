@@ -146,9 +146,11 @@ DELIVERED = ("downloaded", "cached", "local")
 
 def read_fetch_report(path: str | os.PathLike) -> list[Path]:
     """The structure files a `foldtune fetch` delivered, per its ``fetch_report.csv`` (rows whose status is
-    one of `DELIVERED`), in report order without repeats. A file named by the report is looked up beside the
-    report first (its --out directory), then at the path as written. Files in that directory the report does
-    not list (an earlier fetch's, or ids now filtered) are not returned: the dataset is exactly this fetch."""
+    one of `DELIVERED`), sorted by path without repeats, as `collect_inputs` orders a directory (the dataset's
+    chain order, and so training, must not depend on the order the ids were fetched in). A file named by the
+    report is looked up beside the report first (its --out directory), then at the path as written. Files in
+    that directory the report does not list (an earlier fetch's, or ids now filtered) are not returned: the
+    dataset is exactly this fetch."""
     path = Path(path)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -166,7 +168,7 @@ def read_fetch_report(path: str | os.PathLike) -> list[Path]:
         file = beside if beside.is_file() else Path(row.path)
         if file not in files:
             files.append(file)
-    return files
+    return sorted(files)
 
 
 def _file_keys(path: Path) -> set[str]:

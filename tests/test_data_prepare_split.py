@@ -182,6 +182,18 @@ def test_prepare_from_a_fetch_report_takes_exactly_what_this_fetch_delivered(tmp
     assert f"{tmp_path / 'nope.csv'}: fetch report: not found" in capsys.readouterr().out
 
 
+def test_a_fetch_report_gives_the_dataset_order_of_its_directory(tmp_path):
+    """Training draws chains in manifest order: the ids' fetch order must not change it."""
+    fetch = ["fetch", "--offline", "--source-dir", str(SAMPLES / "structures"), "--out", str(tmp_path / "structures"),
+             "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main([*fetch, "4zey", "1ubi", "1a8o"]) == 0
+    report = tmp_path / "structures" / "fetch_report.csv"
+    assert main(["prepare", "--fetch-report", str(report), "--out", str(tmp_path / "ds"), "--no-progress"]) == 0
+    assert main(["prepare", "--in", str(tmp_path / "structures"), "--out", str(tmp_path / "dir"), "--no-progress"]) == 0
+    order = read_manifest(tmp_path / "ds").chain_id.tolist()
+    assert order == read_manifest(tmp_path / "dir").chain_id.tolist() == ["1a8o_A", "1ubi_A", "4zey_A"]
+
+
 def test_workflow_prepare_reads_the_fetch_report():
     rule = (ROOT / "snakemake" / "rules" / "data.smk").read_text()
     prepare = rule[rule.index("rule prepare:"):rule.index("rule split:")]
