@@ -12,7 +12,10 @@ install: $(STAMP)
 # Reinstalls only when the dependency list or the pins change; the editable install picks up code changes.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
+	@# Byte-compile on every core instead of pip's one (~20 s less on 2 cores); a file that does not compile
+	@# (a package's template, say) is only skipped, as pip skips it.
+	-$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null
 	touch $(STAMP)
 
 test: install
