@@ -23,6 +23,16 @@ def _pair_distance(coords: np.ndarray, a: int, b: int) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
+def _thresholds_passed(diff: float, thresholds: np.ndarray) -> int:
+    """How many lDDT thresholds (0.5, 1, 2, 4 A) a distance difference is within."""
+    passed = 0
+    for t in range(thresholds.shape[0]):
+        if diff <= thresholds[t]:
+            passed += 1
+    return passed
+
+
+@numba.njit(cache=True, nogil=True)
 def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, i: np.ndarray, j: np.ndarray, d_ref: np.ndarray,
                      thresholds: np.ndarray, preserved: np.ndarray) -> None:
     """Add each pair's passed thresholds to ``preserved[i]`` and ``preserved[j]`` (metrics._lddt_counts).
@@ -30,16 +40,11 @@ def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, i: np.ndarray, j: 
     coords (M, 3) float64 model atoms; present (M,) bool; i, j, d_ref (K,) the reference pairs;
     preserved (M,) float64 accumulator.
     """
-    n_thresholds = thresholds.shape[0]
     for k in range(i.shape[0]):
         a, b = i[k], j[k]
         if not (present[a] and present[b]):
             continue
-        diff = abs(d_ref[k] - _pair_distance(coords, a, b))
-        passed = 0
-        for t in range(n_thresholds):
-            if diff <= thresholds[t]:
-                passed += 1
+        passed = _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, b)), thresholds)
         preserved[a] += passed
         preserved[b] += passed
 
@@ -51,16 +56,11 @@ def lddt_group_passes(coords: np.ndarray, present: np.ndarray, left: np.ndarray,
 
     left, right (K,) flat atom indices into coords (M, 3); group (K,) residue of the left atom.
     """
-    n_thresholds = thresholds.shape[0]
     for k in range(left.shape[0]):
         a, b = left[k], right[k]
         if not (present[a] and present[b]):
             continue
-        diff = abs(d_ref[k] - _pair_distance(coords, a, b))
-        passed = 0
-        for t in range(n_thresholds):
-            if diff <= thresholds[t]:
-                passed += 1
+        passed = _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, b)), thresholds)
         out[group[k]] += passed
 
 

@@ -684,6 +684,11 @@ def build_report(results: str | Path, out: str | Path, options: ReportOptions | 
     shown = wide.head(options.max_target_rows)
     doc.table(shown, f"All {len(wide)} rows are in `per_target.csv`." if len(wide) > len(shown)
               else "Seed-averaged; also in `per_target.csv` with every metric.")
+    return write_documents(doc, out, written)
+
+
+def write_documents(doc, out: Path, written: dict[str, Path]) -> dict[str, Path]:
+    """report.md and report.html of `doc` into `out` (atomic), added to `written`."""
     written["md"] = out / "report.md"
     written["html"] = out / "report.html"
     atomic_write_text(written["md"], doc.markdown(out))

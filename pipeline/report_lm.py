@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.io import atomic_path, atomic_write_text
+from data.io import atomic_path
 from pipeline.lm import PRECISION_COLUMNS
 from pipeline.report import (
     COST_COLUMNS,
@@ -33,6 +33,7 @@ from pipeline.report import (
     load_curves,
     load_runs,
     plot_curves,
+    write_documents,
 )
 
 HEADLINE = "long_P@L"  # the column of the plot and the per-target table
@@ -205,8 +206,4 @@ def build_lm_report(results: Path, out: Path, options: ReportOptions, runs: list
     shown = wide.head(options.max_target_rows)
     doc.table(shown, f"All {len(wide)} rows are in `per_target.csv`." if len(wide) > len(shown)
               else "Seed-averaged; also in `per_target.csv` with every range and fraction.")
-    written["md"] = out / "report.md"
-    written["html"] = out / "report.html"
-    atomic_write_text(written["md"], doc.markdown(out))
-    atomic_write_text(written["html"], doc.html())
-    return written
+    return write_documents(doc, out, written)
