@@ -103,6 +103,18 @@ class ModelSourceError(RuntimeError):
 
 # ------------------------------------------------------------------------------------ the model
 
+def _wrap_forward(module: torch.nn.Module, wrapper, enabled: bool) -> None:
+    """Route `module.forward` through `wrapper(plain_forward, ...)` (enabled) or back to the plain forward;
+    idempotent either way. An instance attribute, so parameter names and state dicts are unchanged."""
+    plain = module.__dict__.get("_plain_forward")
+    if enabled and plain is None:
+        module._plain_forward = module.forward
+        module.forward = functools.partial(wrapper, module._plain_forward)
+    elif not enabled and plain is not None:
+        module.forward = plain
+        del module._plain_forward
+
+
 def _checkpointed_call(forward, *args, **kwargs):
     """Run `forward` under activation checkpointing when a graph is being built."""
     if torch.is_grad_enabled():
@@ -134,24 +146,11 @@ class FoldingModel(EsmForProteinFolding):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing around each `trunk.blocks[i]` (module names are unchanged)."""
         for block in self.trunk.blocks:
-            plain = block.__dict__.get("_plain_forward")
-            if enabled and plain is None:
-                block._plain_forward = block.forward
-                block.forward = functools.partial(_checkpointed_call, block._plain_forward)
-            elif not enabled and plain is not None:
-                block.forward = plain
-                del block._plain_forward
+            _wrap_forward(block, _checkpointed_call, enabled)
 
     def set_fp32_structure_module(self, enabled: bool) -> None:
         """Keep the structure module in fp32 under autocast (bf16 prediction); module names are unchanged."""
-        module = self.trunk.structure_module
-        plain = module.__dict__.get("_plain_forward")
-        if enabled and plain is None:
-            module._plain_forward = module.forward
-            module.forward = functools.partial(_fp32_structure_call, module._plain_forward)
-        elif not enabled and plain is not None:
-            module.forward = plain
-            del module._plain_forward
+        _wrap_forward(self.trunk.structure_module, _fp32_structure_call, enabled)
 
     def language_model_features(self, esmaa: torch.Tensor) -> torch.Tensor:
         """Stacked ESM-2 hidden states `(B, L, n_layers + 1, C)` in the trunk's dtype.

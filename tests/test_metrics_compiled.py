@@ -8,6 +8,7 @@ import pytest
 from data.structure import read_chain
 from pipeline import metrics, scoring
 from tests.shared_data import SHARED_STRUCTURES
+from tests.test_metrics_lddt import model_on_reference
 
 pytest.importorskip("numba")
 
@@ -28,12 +29,7 @@ def numpy_then_compiled():
 
 
 def test_lddt_kernels_equal_numpy(numpy_then_compiled):
-    model = read_chain(SHARED_STRUCTURES / "7w1f_B_model.pdb")
-    ref = read_chain(SHARED_STRUCTURES / "7w1f_B_target.pdb")
-    mi, ri = scoring.match_residues(model, ref)
-    pred = np.zeros_like(ref.atom37_positions)
-    pmask = np.zeros_like(ref.atom37_mask)
-    pred[ri], pmask[ri] = model.atom37_positions[mi], model.atom37_mask[mi]
+    ref, pred, pmask = model_on_reference("7w1f_B_model.pdb", "7w1f_B_target.pdb")
     pmask[::7] = 0  # some missing model atoms and residues
     rng = np.random.default_rng(0)
     pred = pred + rng.normal(scale=0.7, size=pred.shape)  # shifts around every threshold

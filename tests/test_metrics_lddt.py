@@ -17,15 +17,20 @@ from tests.shared_data import SHARED_STRUCTURES
 SHARED = SHARED_STRUCTURES
 
 
-@pytest.fixture(scope="module")
-def w1f():
-    model = read_chain(SHARED / "7w1f_B_model.pdb")
-    ref = read_chain(SHARED / "7w1f_B_target.pdb")
+def model_on_reference(model_name: str, ref_name: str):
+    """(reference chain, model atom37 positions and mask laid out on the reference's residues)."""
+    model = read_chain(SHARED / model_name)
+    ref = read_chain(SHARED / ref_name)
     mi, ri = scoring.match_residues(model, ref)
     pred = np.zeros_like(ref.atom37_positions)
     pmask = np.zeros_like(ref.atom37_mask)
     pred[ri], pmask[ri] = model.atom37_positions[mi], model.atom37_mask[mi]
     return ref, pred, pmask
+
+
+@pytest.fixture(scope="module")
+def w1f():
+    return model_on_reference("7w1f_B_model.pdb", "7w1f_B_target.pdb")
 
 
 def _atom_array(positions: np.ndarray, mask: np.ndarray) -> struc.AtomArray:

@@ -20,14 +20,19 @@ SAMPLES = REPO / "data" / "samples"
 CHAINS = ["1vii.pdb,A", "1ubi.pdb,A", "1ejg.pdb,A", "2q2k.cif,A"]  # 36-76 residues: fast to fold
 
 
-def micro_config(tmp_path: Path) -> Path:
+def micro_data(tmp_path: Path) -> dict:
+    """The `data:` section of the micro configs: CHAINS from the bundled structures, offline (writes chains.csv)."""
     chains = tmp_path / "chains.csv"
     chains.write_text("file,chain\n" + "\n".join(f"{SAMPLES / 'structures' / c.split(',')[0]},{c.split(',')[1]}"
                                                  for c in CHAINS) + "\n")
+    return {"ids_file": str(chains), "source_dirs": [str(SAMPLES / "structures")], "offline": True,
+            "chains_file": str(chains), "split": {"fractions": [0.5, 0.25, 0.25], "identity": 0.4}}
+
+
+def micro_config(tmp_path: Path) -> Path:
     config = {
         "experiment": "micro",
-        "data": {"ids_file": str(chains), "source_dirs": [str(SAMPLES / "structures")], "offline": True,
-                 "chains_file": str(chains), "split": {"fractions": [0.5, 0.25, 0.25], "identity": 0.4}},
+        "data": micro_data(tmp_path),
         "base_training": {
             "model": {"source": "random"},
             "adapter": {"method": "full"},

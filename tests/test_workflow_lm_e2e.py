@@ -18,7 +18,7 @@ from pipeline.lm import PRECISION_COLUMNS, build_language_model
 from pipeline.train import attach_method
 from tests._esm_fixtures import random_esm2, write_esm2_checkpoint
 from tests.test_workflow_dag import job_counts, snakemake
-from tests.test_workflow_e2e import CHAINS, SAMPLES
+from tests.test_workflow_e2e import micro_data
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "lorta", "tlora", "full", "none"]  # every method foldtune has
@@ -27,13 +27,9 @@ ADAPTER = {"alpha": 4, "part": "stem", "targets": ["attn", "mlp"]}
 
 def lm_config(tmp_path: Path) -> Path:
     checkpoint = write_esm2_checkpoint(tmp_path / "esm2", random_esm2(perturb=False))
-    chains = tmp_path / "chains.csv"
-    chains.write_text("file,chain\n" + "\n".join(f"{SAMPLES / 'structures' / c.split(',')[0]},{c.split(',')[1]}"
-                                                 for c in CHAINS) + "\n")
     config = {
         "experiment": "micro_lm",
-        "data": {"ids_file": str(chains), "source_dirs": [str(SAMPLES / "structures")], "offline": True,
-                 "chains_file": str(chains), "split": {"fractions": [0.5, 0.25, 0.25], "identity": 0.4}},
+        "data": micro_data(tmp_path),
         "training": {
             "kind": "lm",
             "model": {"esm2": str(checkpoint)},
