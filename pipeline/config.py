@@ -122,6 +122,18 @@ def _deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
     return out
 
 
+def flatten(mapping: dict, prefix: str = "", keep_empty: bool = False) -> dict:
+    """`{"trunk": {"num_blocks": 2}}` -> `{"trunk.num_blocks": 2}` (the inverse of `_nest`). An empty mapping
+    is a value of its own with `keep_empty` (comparing two configs), else it leaves no key."""
+    flat: dict = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and (value or not keep_empty):
+            flat.update(flatten(value, f"{prefix}{key}.", keep_empty))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _nest(mapping: dict) -> dict:
     """`{"trunk.num_blocks": 2}` -> `{"trunk": {"num_blocks": 2}}` (both spellings are accepted in model.size)."""
     out: dict = {}

@@ -40,6 +40,7 @@ from transformers.models.esm.openfold_utils import (
 )
 
 from adapters.zoo import FAIR_ESM2
+from pipeline.config import flatten
 
 HUB_ESMFOLD = "facebook/esmfold_v1"
 FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
@@ -324,7 +325,7 @@ def check_size_overrides(size: dict) -> None:
     """Validate `model.size` keys (flat `trunk.x` / `trunk.structure_module.x` or nested); raise ValueError."""
     from pipeline.config import ConfigError
 
-    for key, value in _flatten(size).items():
+    for key, value in flatten(size).items():
         parts = key.split(".")
         ok = ((len(parts) == 1 and parts[0] in STEM_KEYS)
               or (len(parts) == 2 and parts[0] == "trunk" and parts[1] in TRUNK_KEYS)
@@ -343,19 +344,9 @@ def check_size_overrides(size: dict) -> None:
             raise ConfigError(f"model.size.{key}: expected a positive integer, got {value!r}")
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _apply_overrides(target: dict, size: dict) -> dict:
     out = copy.deepcopy(target)
-    for key, value in _flatten(size).items():
+    for key, value in flatten(size).items():
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -576,10 +567,10 @@ def esm2_stem_config(dims: tuple[int, int, int], token_dropout: bool, num_blocks
     layers, embed_dim, heads = dims
     size = size or {}
     check_size_overrides(size)
-    stem_keys = [k for k in _flatten(size) if "." not in k]
+    stem_keys = [k for k in flatten(size) if "." not in k]
     if stem_keys:
         raise ValueError(f"model.size.{stem_keys[0]}: stem sizes come from the ESM-2 checkpoint (source esm2_stem)")
-    trunk_size = {k[len("trunk."):]: v for k, v in _flatten(size).items() if k.startswith("trunk.")}
+    trunk_size = {k[len("trunk."):]: v for k, v in flatten(size).items() if k.startswith("trunk.")}
     trunk = _apply_overrides({**ESMFOLD_TRUNK, "num_blocks": num_blocks}, trunk_size)
     stem = {"hidden_size": embed_dim, "num_hidden_layers": layers, "num_attention_heads": heads,
             "intermediate_size": 4 * embed_dim}

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.io import atomic_path, atomic_write_text
-from pipeline.config import dump_config
+from pipeline.config import dump_config, flatten
 
 log = logging.getLogger("foldtune.train")
 
@@ -830,7 +830,8 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         raise ValueError(f"output_dir: {run_dir} already holds a run (checkpoints/last.ckpt); "
                          "pass --resume to continue it or choose another output_dir")
     # Before anything is written: a refused resume leaves the run as it was, resumable with its own config.
-    resumed_changes = check_resume(cfg, run_dir, ckpt) if resume else {}
+    resumed_step = checkpoint_step(ckpt) if resume else 0
+    resumed_changes = check_resume(cfg, run_dir, ckpt, resumed_step) if resume else {}
     die_with_parent()
     tcfg = cfg["trainer"]
     on_gpu = torch.cuda.is_available()
@@ -849,7 +850,7 @@ def train(cfg: dict, resume: bool = False, extra_callbacks: Sequence[pl.Callback
         if resume:
             _keep_previous_logs(run_dir)
             if resumed_changes:
-                record_resume_changes(run_dir, ckpt, resumed_changes)
+                record_resume_changes(run_dir, resumed_step, resumed_changes)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_text(run_dir / "base.json", json.dumps(cfg["model"], indent=2) + "\n")
         atomic_write_text(run_dir / INPUTS_FILE, json.dumps(run_inputs(cfg), indent=2) + "\n")
@@ -976,16 +977,6 @@ FIXED_ON_RESUME = ("kind", "model", "adapter", "trainer.seed")
 RESUMES_FILE = "resumes.json"
 
 
-def _flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def read_recorded_config(run_dir: Path) -> dict:
     """RUN/config.yaml as written by `train` (ValueError naming the file when missing or not valid YAML)."""
     import yaml
@@ -1004,15 +995,20 @@ def read_recorded_config(run_dir: Path) -> dict:
     return recorded
 
 
-def check_resume(cfg: dict, run_dir: Path, ckpt: Path) -> dict[str, tuple[Any, Any]]:
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a Lightning checkpoint was written at (memory-mapped: tensors are not read)."""
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+
+
+def check_resume(cfg: dict, run_dir: Path, ckpt: Path, step: int) -> dict[str, tuple[Any, Any]]:
     """Compare a resume's config with the run's RUN/config.yaml before anything is written.
 
     Returns the changed settings (dotted key -> (run's value, new value)) a resume may make, e.g. a longer
     trainer.max_steps or another lr; raises ValueError naming every changed key of `FIXED_ON_RESUME` (the
-    model, the adapter, the seed) and a max_steps below the checkpoint's step. Runtime settings
+    model, the adapter, the seed) and a max_steps below `step`, the checkpoint's. Runtime settings
     (`RUNTIME_KEYS`) are not changes."""
-    recorded = _flat(json.loads(json.dumps(read_recorded_config(run_dir), default=str)))
-    wanted = _flat(json.loads(json.dumps(cfg, default=str)))
+    recorded = flatten(json.loads(json.dumps(read_recorded_config(run_dir), default=str)), keep_empty=True)
+    wanted = flatten(json.loads(json.dumps(cfg, default=str)), keep_empty=True)
     runtime = {f"{section}.{key}" for section, key in RUNTIME_KEYS}
     changed = {key: (recorded.get(key), wanted.get(key)) for key in sorted(set(recorded) | set(wanted))
                if key not in runtime and recorded.get(key) != wanted.get(key)}
@@ -1023,7 +1019,6 @@ def check_resume(cfg: dict, run_dir: Path, ckpt: Path) -> dict[str, tuple[Any, A
         raise ValueError(f"--resume: {run_dir / 'config.yaml'}: {what}: a resumed run cannot change its model, "
                          "adapter or seed (resume with the run's own settings, or train into another output_dir)")
     if "trainer.max_steps" in changed:
-        step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
         if cfg["trainer"]["max_steps"] < step:
             raise ValueError(f"--resume: trainer.max_steps: {cfg['trainer']['max_steps']} is below the step of "
                              f"{ckpt} ({step})")
@@ -1032,7 +1027,7 @@ def check_resume(cfg: dict, run_dir: Path, ckpt: Path) -> dict[str, tuple[Any, A
     return changed
 
 
-def record_resume_changes(run_dir: Path, ckpt: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+def record_resume_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
     """Append a resume's changed settings to RUN/resumes.json: [{"step", "time", "changed": {key: [old, new]}}]
     (RUN/config.yaml then holds the new values)."""
     path = run_dir / RESUMES_FILE
@@ -1040,7 +1035,6 @@ def record_resume_changes(run_dir: Path, ckpt: Path, changes: dict[str, tuple[An
         history = json.loads(path.read_text()) if path.is_file() else []
     except ValueError:
         history = []
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
     history.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "changed": {key: [old, new] for key, (old, new) in changes.items()}})
     atomic_write_text(path, json.dumps(history, indent=2) + "\n")
