@@ -171,14 +171,15 @@ MISMATCH_WARNING = 0.1
 
 def _warn_if_other_protein(model: ProteinChain, ref: ProteinChain, model_idx: np.ndarray, ref_idx: np.ndarray,
                            align: str) -> None:
-    if resolve_align(model, ref, align) == "sequence":
+    mode = resolve_align(model, ref, align)
+    if mode == "sequence":
         return
     differ = int((model.aatype[model_idx] != ref.aatype[ref_idx]).sum())
     if differ > MISMATCH_WARNING * model_idx.size:
         import warnings
 
         warnings.warn(f"{_describe(model)} vs {_describe(ref)}: {differ} of {model_idx.size} residues matched by "
-                      f"{resolve_align(model, ref, align)} differ in type (other proteins?); --align sequence "
+                      f"{mode} differ in type (other proteins?); --align sequence "
                       "matches them by a sequence alignment", ScoreWarning, stacklevel=3)
 
 
