@@ -25,8 +25,14 @@ pair activations grow ~L^2, 0.77 -> 2.1 GB from crop 128 to 256). Trunk checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
+import os
+import shlex
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    REPO_ROOT, PeakMemory, WorkerFailed, _status_kib, info_block, load_average, log, machine_info, make_section,
+    REPO_ROOT, PeakMemory, Section, WorkerFailed, _status_kib, info_block, load_average, log, machine_info, make_section,
     run_worker,
 )
 
@@ -53,6 +59,9 @@ WIDTHS = {"v1": (STEM, TRUNK),
 FULL_LAYERS, FULL_BLOCKS = 36, 48
 GPU_SIZES_GB = (40, 80, 141)
 # (method, stem trained): what is measured. "frozen" = adapters on the trunk only, the stem not trained.
+PRECISIONS = ("fp32", "bf16")
+OVER_BUDGET = 75  # a worker's exit code when its RSS passed --max-gib
+WORKER_TIMEOUT_S = 1800
 MODES = {"lora+stem": ("lora", True), "lorta+stem": ("lorta", True), "lora frozen stem": ("lora", False),
          "full": ("full", True)}
 
@@ -66,6 +75,7 @@ class Point:
     checkpointing: bool
     rank: int = 8
     widths: str = "v1"
+    precision: str = "fp32"  # "fp32" or "bf16" (Lightning's bf16-mixed: CPU autocast around forward + loss)
 
 
 def _structures() -> Path:
@@ -112,6 +122,18 @@ def _batch(crop: int) -> dict:
     return collate([item])
 
 
+def _step_context(precision: str):
+    """What training wraps around forward + loss: Lightning's own bf16-mixed plugin (torch.autocast on the
+    device, cache_enabled=False), so the measured step is the one `trainer.precision: bf16-mixed` runs."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        return MixedPrecision("bf16-mixed", "cpu").forward_context()
+    raise ValueError(f"precision: {precision!r}: expected one of {', '.join(PRECISIONS)}")
+
+
 def measure(point: Point) -> dict:
     """Peak memory of one fwd + loss + bwd (this process), MiB above the memory before the model existed."""
     from pipeline.losses import folding_loss
@@ -120,6 +142,7 @@ def measure(point: Point) -> dict:
     batch = _batch(point.crop)
     before_mb = _status_kib("VmRSS") / 1024
     model = build_folding_model({"source": "random", "size": _size(point.layers, point.blocks, point.widths)})
+    model.float()  # as training builds it (pipeline.train._build): fp32 weights whatever the precision
     _attach(model, point.mode, point.rank)
     model.set_grad_checkpointing(point.checkpointing)
     model.train()
@@ -127,18 +150,41 @@ def measure(point: Point) -> dict:
     total = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     with PeakMemory("cpu") as mem:
-        outputs = model(input_ids=batch["aatype"], attention_mask=batch["mask"], position_ids=batch["residue_index"],
-                        num_recycles=0)
-        loss, _ = folding_loss(outputs, batch)
+        # Lightning runs training_step (forward + loss) inside the precision context and backward outside it.
+        with _step_context(point.precision):
+            outputs = model(input_ids=batch["aatype"], attention_mask=batch["mask"],
+                            position_ids=batch["residue_index"], num_recycles=0)
+            loss, _ = folding_loss(outputs, batch)
         loss.backward()
     return {"peak_mb": mem.peak_mb - before_mb, "weights_mb": mem.baseline_mb - before_mb,
             "trainable": trainable, "total": total, "crop": int(batch["aatype"].shape[1]),
             "seconds": time.perf_counter() - start}
 
 
+def _watch_rss(limit_gib: float, interval_s: float = 0.01) -> None:
+    """Exit this worker (code OVER_BUDGET) as soon as its resident memory passes ``limit_gib``: the machine is
+    shared, and a point past the budget becomes a table entry instead of an out-of-memory kill."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    limit = limit_gib * 2**30
+
+    def watch() -> None:
+        while True:
+            with open("/proc/self/statm") as statm:
+                rss = int(statm.read().split()[1]) * page
+            if rss > limit:
+                sys.stderr.write(f"over budget: RSS {rss / 2**30:.2f} GiB > {limit_gib} GiB\n")
+                sys.stderr.flush()
+                os._exit(OVER_BUDGET)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker(payload: dict) -> dict:
     torch.set_num_threads(int(payload.get("threads", 2)))
     torch.manual_seed(0)
+    if payload.get("max_gib"):
+        _watch_rss(float(payload["max_gib"]))
     return measure(Point(**payload["point"]))
 
 
@@ -153,39 +199,68 @@ def full_size_trainable(mode: str, rank: int = 8, widths: str = "v1") -> tuple[i
             sum(p.numel() for p in model.parameters()))
 
 
-def plan(crops: list[int], widths: str = "v1") -> list[Point]:
+def plan(crops: list[int], widths: str = "v1", precision: str = "fp32", mode_crops: list[int] | None = None,
+         depth_crops: list[int] | None = None) -> list[Point]:
+    """The points of one precision. lora+stem's fit points (1,1), (2,1), (1,2) and checkpointed (1,1), (1,2) at
+    every crop; the frozen stem and full at ``mode_crops`` (default: every crop), where they change the stem
+    term only; LoRTA at the smallest crop; the depth checks (3,1), (1,3), checkpointed (1,3) at ``depth_crops``
+    (default: the smallest crop)."""
+    mode_crops = crops if mode_crops is None else mode_crops
+    depth_crops = crops[:1] if depth_crops is None else depth_crops
+
+    def at(crop: int, layers: int, blocks: int, mode: str, ckpt: bool) -> Point:
+        return Point(crop, layers, blocks, mode, ckpt, widths=widths, precision=precision)
+
     points = []
     for crop in crops:
-        for mode in ("lora+stem", "lora frozen stem", "full"):
-            points += [Point(crop, 1, 1, mode, False, widths=widths), Point(crop, 2, 1, mode, False, widths=widths)]
-        points += [Point(crop, 1, 2, "lora+stem", False, widths=widths), Point(crop, 1, 1, "lora+stem", True, widths=widths),
-                   Point(crop, 1, 2, "lora+stem", True, widths=widths)]
-    points += [Point(crops[0], 1, 1, "lorta+stem", False, widths=widths),  # LoRTA vs LoRA: the cheapest crop
-               Point(crops[0], 2, 1, "lorta+stem", False, widths=widths)]
-    # depth checks of the linear model (the smallest crop: cheapest)
-    points += [Point(crops[0], 3, 1, "lora+stem", False, widths=widths),
-               Point(crops[0], 1, 3, "lora+stem", False, widths=widths),
-               Point(crops[0], 1, 3, "lora+stem", True, widths=widths)]
+        points += [at(crop, 1, 1, "lora+stem", False), at(crop, 2, 1, "lora+stem", False)]
+        for mode in ("lora frozen stem", "full"):
+            if crop in mode_crops:
+                points += [at(crop, 1, 1, mode, False), at(crop, 2, 1, mode, False)]
+        points += [at(crop, 1, 2, "lora+stem", False), at(crop, 1, 1, "lora+stem", True),
+                   at(crop, 1, 2, "lora+stem", True)]
+    points += [at(crops[0], 1, 1, "lorta+stem", False),  # LoRTA vs LoRA: the cheapest crop
+               at(crops[0], 2, 1, "lorta+stem", False)]
+    for crop in (c for c in crops if c in depth_crops):  # depth checks of the linear model
+        points += [at(crop, 3, 1, "lora+stem", False), at(crop, 1, 3, "lora+stem", True),
+                   at(crop, 1, 3, "lora+stem", False)]
     return points
 
 
+MEASURED_HEADERS = ["crop", "precision", "stem layers", "trunk blocks", "method", "trunk checkpointing",
+                    "peak above start (MiB)", "trainable (M)", "fwd+bwd (s)", "measured (UTC)"]
+
+
 def reuse(markdown: Path, widths: str = "v1") -> dict[Point, dict]:
-    """Measurements of an earlier run's "Measured" table (its --out file), so that a rerun measures only new points."""
+    """Measurements of an earlier run's "Measured" table (its --out file, or docs/benchmarks.md), so that a rerun
+    measures only new points. Rows of the table before precision was a column (8 cells) are fp32. A point that
+    did not finish (over the memory budget, worker died) is reused as such: delete its row to measure it again."""
     found: dict[Point, dict] = {}
     for line in markdown.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 8 or not cells[0].isdigit():
+        if not cells[0].isdigit():
             continue
-        crop, layers, blocks, mode, ckpt, peak, trainable, seconds = cells
-        if mode not in MODES:
+        if len(cells) == 8:  # the fp32-only table of the first runs
+            crop, layers, blocks, mode, ckpt, peak, trainable, seconds = cells
+            precision, when = "fp32", "earlier run"
+        elif len(cells) == len(MEASURED_HEADERS):
+            crop, precision, layers, blocks, mode, ckpt, peak, trainable, seconds, when = cells
+        else:
             continue
-        point = Point(int(crop), int(layers), int(blocks), mode, ckpt == "on", widths=widths)
-        found[point] = {"peak_mb": float(peak), "trainable": int(float(trainable) * 1e6), "seconds": float(seconds)}
+        if mode not in MODES or precision not in PRECISIONS:
+            continue
+        point = Point(int(crop), int(layers), int(blocks), mode, ckpt == "on", widths=widths, precision=precision)
+        try:
+            found[point] = {"peak_mb": float(peak), "trainable": int(float(trainable) * 1e6),
+                            "seconds": float(seconds), "measured": when}
+        except ValueError:  # "over budget ..." / "worker exit ..." in the peak cell
+            found[point] = {"failed": peak, "measured": when}
     return found
 
 
-def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.0) -> dict:
-    """Per crop: stem layer S per mode, trunk block T per checkpointing, fixed part F (MiB, no optimizer).
+def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.0, precision: str = "fp32") -> dict:
+    """Per crop of one precision: stem layer S per mode, trunk block T per checkpointing, fixed part F (MiB, no
+    optimizer). Points that did not finish (``"failed"``) are left out.
 
     ``block_floor_mb``: what a block holds at least (its weights); a checkpointed block's difference is below
     the resident-memory noise (~50-100 MiB) at small crops, so it is taken as at least that.
@@ -193,7 +268,7 @@ def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.
     out: dict = {}
     for crop in crops:
         peak = {(p.layers, p.blocks, p.mode, p.checkpointing): r["peak_mb"] for p, r in results.items()
-                if p.crop == crop}
+                if p.crop == crop and p.precision == precision and "peak_mb" in r}
         entry: dict = {"stem_layer": {}, "fixed": {}, "block": {}}
         for mode in MODES:
             if (1, 1, mode, False) in peak and (2, 1, mode, False) in peak:
@@ -216,6 +291,78 @@ def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.
     return out
 
 
+def fitted_peak_mb(entry: dict, layers: int, blocks: int, checkpointing: bool) -> float | None:
+    """lora+stem's peak (MiB, no optimizer state) of a few-layer point from one crop's fit; None before the fit
+    points are measured. The depth check compares it with a measurement; the budget check skips points by it."""
+    state = "on" if checkpointing else "off"
+    if "lora+stem" not in entry["fixed"] or state not in entry["block"] or state not in entry["ckpt_offset"]:
+        return None
+    return (entry["fixed"]["lora+stem"] + layers * entry["stem_layer"]["lora+stem"] + blocks * entry["block"][state]
+            + entry["ckpt_offset"][state])
+
+
+def measure_points(points: list[Point], threads: int, known: dict[Point, dict] | None = None,
+                   max_gib: float | None = None, fresh_process: bool = True) -> dict[Point, dict]:
+    """Measure ``points`` one fresh process at a time (``known``: earlier measurements, reused). With
+    ``max_gib``, a point whose fitted prediction already exceeds it is not started, and a worker whose RSS
+    passes it stops: both become table entries (``"failed"``), as does a worker that died or timed out."""
+    results: dict[Point, dict] = {}
+    block_floor = {}
+    for k, point in enumerate(points, 1):
+        if known and point in known:
+            results[point] = known[point]
+            continue
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        if max_gib and point.mode == "lora+stem":
+            if point.widths not in block_floor:
+                block_floor[point.widths] = 4 * _block_params(point.widths) / 2**20
+            entry = fit(results, [point.crop], block_floor[point.widths], point.precision)[point.crop]
+            expected = fitted_peak_mb(entry, point.layers, point.blocks, point.checkpointing)
+            if expected is not None and expected / 1024 > max_gib:
+                log(f"[{k}/{len(points)}] {point}: skipped, fitted {expected / 1024:.1f} GiB > {max_gib} GiB")
+                results[point] = {"failed": f"not run: fitted {expected / 1024:.1f} GiB > budget {max_gib:g} GiB",
+                                  "measured": when}
+                continue
+        log(f"[{k}/{len(points)}] {point}")
+        if not fresh_process:
+            results[point] = {**measure(point), "measured": when}
+            continue
+        try:
+            results[point] = {**run_worker("benchmarks.bench_memory_plan",
+                                           {"point": asdict(point), "threads": threads, "max_gib": max_gib},
+                                           timeout=WORKER_TIMEOUT_S), "measured": when}
+        except WorkerFailed as exc:
+            reason = (f"over budget: RSS > {max_gib:g} GiB, stopped" if exc.returncode == OVER_BUDGET
+                      else exc.summary)
+            log(f"failed: {reason}")
+            results[point] = {"failed": reason, "measured": when}
+        except subprocess.TimeoutExpired:
+            log(f"failed: timed out after {WORKER_TIMEOUT_S} s")
+            results[point] = {"failed": f"timed out after {WORKER_TIMEOUT_S} s", "measured": when}
+    return results
+
+
+def measured_section(results: dict[Point, dict], max_gib: float | None) -> "Section":
+    rows = []
+    for p, r in results.items():
+        head = [p.crop, p.precision, p.layers, p.blocks, p.mode, "on" if p.checkpointing else "off"]
+        if "failed" in r:
+            rows.append(head + [r["failed"], "", "", r.get("measured", "")])
+        else:
+            rows.append(head + [f"{r['peak_mb']:.0f}", f"{r['trainable'] / 1e6:.2f}", f"{r['seconds']:.1f}",
+                                r.get("measured", "")])
+    budget = (f"; memory budget {max_gib:g} GiB RSS per worker (a point past it is stopped or, when the fit of the "
+              "points before it already predicts more, not started)") if max_gib else ""
+    return make_section(
+        "Measured: one training step (fwd + loss + bwd), ESMFold v1 widths, few layers / blocks, CPU",
+        MEASURED_HEADERS, rows,
+        ["peak = VmHWM of a fresh process minus its RSS before the model was built: weights + activations + "
+         "gradients (no optimizer state; added below as 8 bytes per trainable parameter)",
+         "precision bf16 = the step under Lightning's bf16-mixed plugin on CPU (torch.autocast('cpu', bfloat16, "
+         "cache_enabled=False) around forward + loss, backward outside it; fp32 weights), as foldtune trains with "
+         "trainer.precision: bf16-mixed; the losses switch autocast off themselves" + budget])
+
+
 def predict_mb(entry: dict, mode: str, checkpointing: bool, layers: int, blocks: int, trainable: int,
                full_block_extra_mb: float = 0.0) -> float:
     """Step peak (MiB) of N layers / M blocks from one crop's fit, AdamW state included."""
@@ -225,26 +372,26 @@ def predict_mb(entry: dict, mode: str, checkpointing: bool, layers: int, blocks:
             + blocks * block + 8 * trainable / 2**20)
 
 
-def run(crops: list[int], threads: int, widths: str = "v1", fresh_process: bool = True,
-        known: dict[Point, dict] | None = None) -> tuple[list, dict]:
+def all_points(spec: dict[str, tuple], widths: str = "v1") -> list[Point]:
+    """Every precision's plan; ``spec``: precision -> (crops, mode_crops, depth_crops)."""
+    return [p for precision, (crops, mode_crops, depth_crops) in spec.items()
+            for p in plan(crops, widths, precision, mode_crops, depth_crops)]
+
+
+def run(spec: dict[str, tuple], threads: int, widths: str = "v1", fresh_process: bool = True,
+        known: dict[Point, dict] | None = None, max_gib: float | None = None,
+        measure_only: bool = False) -> tuple[list, dict]:
     """Measure the plan's points (a fresh process each unless ``fresh_process`` is False: a smoke test;
-    ``known``: earlier measurements, reused), fit, extrapolate; returns (markdown sections,
-    {"crops": {crop: {"method|ckpt": predicted GB}}, ...})."""
-    points = plan(crops, widths)
-    results: dict[Point, dict] = {}
-    for k, point in enumerate(points, 1):
-        if known and point in known:
-            results[point] = known[point]
-            continue
-        log(f"[{k}/{len(points)}] {point}")
-        if not fresh_process:
-            results[point] = measure(point)
-            continue
-        try:
-            results[point] = run_worker("benchmarks.bench_memory_plan",
-                                        {"point": asdict(point), "threads": threads}, timeout=900)
-        except WorkerFailed as exc:
-            log(f"failed: {exc.summary}")
+    ``known``: earlier measurements, reused), fit, extrapolate; returns (markdown sections, the JSON plan)."""
+    results = measure_points(all_points(spec, widths), threads, known, max_gib, fresh_process)
+    sections = [measured_section(results, max_gib)]
+    if measure_only:
+        return sections, {}
+    return sections + report_sections(results, spec, widths)
+
+
+def report_sections(results, spec, widths):
+    crops = spec["fp32"][0]
     block_weights_mb = 4 * _block_params(widths) / 2**20
     fits = fit(results, crops, block_floor_mb=block_weights_mb)
     sections = []
@@ -332,33 +479,70 @@ def _block_params(widths: str = "v1") -> int:
     return sum(p.numel() for p in model.trunk.blocks[0].parameters())
 
 
+def _positive_crop(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of residues") from None
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"{value}: a crop must be at least 16 residues")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".bench" / "memory_plan.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the predicted table (GB) as JSON")
-    parser.add_argument("--crops", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--crops", type=_positive_crop, nargs="+", default=[128, 256], help="fp32 crops")
+    parser.add_argument("--bf16-crops", type=_positive_crop, nargs="*", default=[],
+                        help="crops measured under bf16 autocast (Lightning's bf16-mixed on CPU)")
+    parser.add_argument("--mode-crops", type=_positive_crop, nargs="*", default=None,
+                        help="fp32 crops at which the frozen stem and full are measured (default: every crop; "
+                             "elsewhere their offset from lora+stem is carried from the nearest measured crop)")
+    parser.add_argument("--bf16-mode-crops", type=_positive_crop, nargs="*", default=None,
+                        help="the same for bf16 (default: the smallest bf16 crop)")
+    parser.add_argument("--depth-crops", type=_positive_crop, nargs="*", default=None,
+                        help="fp32 crops with the 3-layer / 3-block depth checks (default: the smallest)")
+    parser.add_argument("--bf16-depth-crops", type=_positive_crop, nargs="*", default=None,
+                        help="bf16 crops with the depth checks (default: the smallest bf16 crop)")
+    parser.add_argument("--max-gib", type=float, default=12.0,
+                        help="memory budget per worker, GiB of RSS (default 12; 0: none): a point past it is a "
+                             "table entry, not an out-of-memory kill")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="write only the measured table (for a later --reuse), no fit")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reuse", type=Path, nargs="*", default=[],
-                        help="earlier --out files: their measured points are not measured again")
+                        help="earlier --out files (or docs/benchmarks.md): their measured points are not measured again")
     parser.add_argument("--widths", choices=sorted(WIDTHS), default="v1",
                         help="v1: ESMFold v1 widths (the plan); tiny: a fast smoke test of this script")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    for earlier in args.reuse:
+        if not earlier.is_file():
+            parser.error(f"--reuse: {earlier}: no such file")
+    if args.max_gib < 0:
+        parser.error(f"--max-gib: {args.max_gib:g}: must be >= 0 (0: no budget)")
+    spec = {"fp32": (sorted(set(args.crops)), args.mode_crops, args.depth_crops)}
+    if args.bf16_crops:
+        bf16 = sorted(set(args.bf16_crops))
+        spec["bf16"] = (bf16, args.bf16_mode_crops if args.bf16_mode_crops is not None else bf16[:1],
+                        args.bf16_depth_crops)
     load_before = load_average()
     known: dict[Point, dict] = {}
     for earlier in args.reuse:
         known.update(reuse(earlier, args.widths))
-    sections, plan_json = run(sorted(args.crops), args.threads, args.widths, known=known)
+    sections, plan_json = run(spec, args.threads, args.widths, known=known, max_gib=args.max_gib or None,
+                              measure_only=args.measure_only)
     text = "\n".join(s.markdown() for s in sections) + "\n" + info_block(
-        machine_info(), "python -m benchmarks.bench_memory_plan " + " ".join(argv or sys.argv[1:]), load_before,
-        load_average()) + "\n"
+        machine_info(), "python -m benchmarks.bench_memory_plan " + shlex.join(sys.argv[1:] if argv is None else argv),
+        load_before, load_average()) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    if args.json:
+    if args.json and not args.measure_only:
         args.json.write_text(json.dumps(plan_json, indent=1, sort_keys=True) + "\n")
     return 0
 
