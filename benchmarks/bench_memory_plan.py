@@ -258,18 +258,37 @@ def reuse(markdown: Path, widths: str = "v1") -> dict[Point, dict]:
     return found
 
 
+def block_off_from_crops(known: dict[int, float], crop: int, floor_mb: float) -> float | None:
+    """A trunk block's cost without checkpointing at ``crop`` from the crops where it was measured, when its
+    (1,2) point could not be (over the memory budget): T(L) = w + a L + b L^2, w = the block's weights (the
+    block term at L = 0), a and b by least squares (exact with two crops): per-residue single activations and
+    L^2 pair activations. None with fewer than two crops."""
+    if len(known) < 2:
+        return None
+    rows = [[length, length * length] for length in known]
+    values = [known[length] - floor_mb for length in known]
+    solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                  torch.tensor(values, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    return floor_mb + float(solution[0]) * crop + float(solution[1]) * crop * crop
+
+
 def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.0, precision: str = "fp32") -> dict:
     """Per crop of one precision: stem layer S per mode, trunk block T per checkpointing, fixed part F (MiB, no
-    optimizer). Points that did not finish (``"failed"``) are left out.
+    optimizer), checkpointing offset. Points that did not finish (``"failed"``) are left out; a crop whose
+    (1,2) point without checkpointing is missing gets that block term from the other crops
+    (`block_off_from_crops`, named in ``entry["estimated"]``) so that F, and with it the checkpointed rows, which
+    do not depend on that estimate (F + offset = the checkpointed (1,1) - S - T_on), stay defined.
 
     ``block_floor_mb``: what a block holds at least (its weights); a checkpointed block's difference is below
     the resident-memory noise (~50-100 MiB) at small crops, so it is taken as at least that.
     """
     out: dict = {}
+    peaks: dict[int, dict] = {}
     for crop in crops:
         peak = {(p.layers, p.blocks, p.mode, p.checkpointing): r["peak_mb"] for p, r in results.items()
                 if p.crop == crop and p.precision == precision and "peak_mb" in r}
-        entry: dict = {"stem_layer": {}, "fixed": {}, "block": {}}
+        peaks[crop] = peak
+        entry: dict = {"stem_layer": {}, "fixed": {}, "block": {}, "ckpt_offset": {"off": 0.0}}
         for mode in MODES:
             if (1, 1, mode, False) in peak and (2, 1, mode, False) in peak:
                 entry["stem_layer"][mode] = peak[(2, 1, mode, False)] - peak[(1, 1, mode, False)]
@@ -277,17 +296,26 @@ def fit(results: dict[Point, dict], crops: list[int], block_floor_mb: float = 0.
             if (1, 1, "lora+stem", ckpt) in peak and (1, 2, "lora+stem", ckpt) in peak:
                 entry["block"]["on" if ckpt else "off"] = max(
                     peak[(1, 2, "lora+stem", ckpt)] - peak[(1, 1, "lora+stem", ckpt)], block_floor_mb)
+        out[crop] = entry
+    measured_off = {crop: e["block"]["off"] for crop, e in out.items() if "off" in e["block"]}
+    for crop, entry in out.items():
+        peak = peaks[crop]
+        if "off" not in entry["block"] and entry["stem_layer"]:
+            others = {c: t for c, t in measured_off.items() if c != crop}
+            estimate = block_off_from_crops(others, crop, block_floor_mb)
+            if estimate is not None:
+                entry["block"]["off"] = estimate
+                entry["estimated"] = (f"trunk block (ckpt off) {estimate:.0f} MiB extrapolated from crops "
+                                      f"{', '.join(map(str, sorted(others)))} (w + a L + b L^2)")
         block_off = entry["block"].get("off")
         for mode, layer in entry["stem_layer"].items():
             if block_off is not None:
                 entry["fixed"][mode] = peak[(1, 1, mode, False)] - layer - block_off
         # Checkpointing also holds one block's recomputed activations during its backward: a fixed offset,
         # measured at (1, 1) against the model without checkpointing.
-        entry["ckpt_offset"] = {"off": 0.0}
         if "on" in entry["block"] and "lora+stem" in entry["fixed"] and (1, 1, "lora+stem", True) in peak:
             entry["ckpt_offset"]["on"] = (peak[(1, 1, "lora+stem", True)] - entry["fixed"]["lora+stem"]
                                           - entry["stem_layer"]["lora+stem"] - entry["block"]["on"])
-        out[crop] = entry
     return out
 
 
@@ -387,87 +415,127 @@ def run(spec: dict[str, tuple], threads: int, widths: str = "v1", fresh_process:
     sections = [measured_section(results, max_gib)]
     if measure_only:
         return sections, {}
-    return sections + report_sections(results, spec, widths)
+    more, plan_json = report_sections(results, spec, widths)
+    return sections + more, plan_json
 
 
-def report_sections(results, spec, widths):
-    crops = spec["fp32"][0]
-    block_weights_mb = 4 * _block_params(widths) / 2**20
-    fits = fit(results, crops, block_floor_mb=block_weights_mb)
-    sections = []
-    rows = [[p.crop, p.layers, p.blocks, p.mode, "on" if p.checkpointing else "off", f"{r['peak_mb']:.0f}",
-             f"{r['trainable'] / 1e6:.2f}", f"{r['seconds']:.1f}"] for p, r in results.items()]
-    sections.append(make_section(
-        "Measured: one training step (fwd + loss + bwd), ESMFold v1 widths, few layers / blocks, fp32, CPU",
-        ["crop", "stem layers", "trunk blocks", "method", "trunk checkpointing", "peak above start (MiB)",
-         "trainable (M)", "fwd+bwd (s)"], rows,
-        ["peak = VmHWM of a fresh process minus its RSS before the model was built: weights + activations + "
-         "gradients (no optimizer state; added below as 8 bytes per trainable parameter)"]))
+def mode_terms(fits: dict[int, dict], crop: int, mode: str) -> tuple[float, float, str] | None:
+    """(rest F, stem layer S, where they come from) of ``mode`` at ``crop`` of one precision's fits.
+
+    Measured at this crop: its own F and S. Otherwise lora+stem's F and S at this crop plus the mode's offset
+    from lora+stem at the nearest crop where both were measured (the largest below, else the smallest above):
+    the methods differ in the stem (trained or not, adapter factors) and in parameter gradients, terms that the
+    crop barely moves (measured fp32 frozen stem vs lora+stem: S -21 / -21 MiB, F -19 / -134 MiB at 128 / 256).
+    No crop with the mode: lora+stem's terms. None when lora+stem itself is not fitted at this crop.
+    """
+    entry = fits[crop]
+    if mode in entry["fixed"]:
+        return entry["fixed"][mode], entry["stem_layer"][mode], "measured"
+    if "lora+stem" not in entry["fixed"]:
+        return None
+    with_mode = [c for c, e in fits.items() if mode in e["fixed"] and "lora+stem" in e["fixed"]]
+    if not with_mode:
+        return entry["fixed"]["lora+stem"], entry["stem_layer"]["lora+stem"], "as lora+stem (mode not measured)"
+    below = [c for c in with_mode if c < crop]
+    ref = max(below) if below else min(with_mode)
+    offset_f = fits[ref]["fixed"][mode] - fits[ref]["fixed"]["lora+stem"]
+    offset_s = fits[ref]["stem_layer"][mode] - fits[ref]["stem_layer"]["lora+stem"]
+    return (entry["fixed"]["lora+stem"] + offset_f, entry["stem_layer"]["lora+stem"] + offset_s,
+            f"lora+stem + offset of crop {ref}")
+
+
+def predict_full_gb(fits: dict[int, dict], crop: int, mode: str, checkpointing: bool, trainable: int, total: int,
+                    block_params: int) -> tuple[float, str] | None:
+    """Predicted step peak (GB) of the 36-layer / 48-block model, and where the mode's terms come from."""
+    entry, state = fits[crop], "on" if checkpointing else "off"
+    terms = mode_terms(fits, crop, mode)
+    if terms is None or state not in entry["block"] or state not in entry["ckpt_offset"]:
+        return None
+    fixed, layer, source = terms
+    # 'full' also trains the trunk blocks: each holds its gradients (4 B / param; AdamW is in `trainable`)
+    extra = 4 * block_params / 2**20 if mode == "full" else 0.0
+    mb = predict_mb({**entry, "fixed": {mode: fixed}, "stem_layer": {mode: layer}}, mode, checkpointing,
+                    FULL_LAYERS, FULL_BLOCKS, trainable, extra)
+    # At the optimizer step weights, every gradient and the AdamW state coexist (activations freed): with few
+    # layers the measured peak falls earlier in backward, before most gradients exist. Under bf16 autocast the
+    # weights, gradients and AdamW state stay fp32, so the floor is the same.
+    return max(mb, (4 * total + 12 * trainable) / 2**20) / 1024, source
+
+
+def report_sections(results: dict[Point, dict], spec: dict[str, tuple], widths: str = "v1") -> tuple[list, dict]:
+    """Per-unit fit per (precision, crop), depth checks, the extrapolated table and its JSON."""
+    block_params = _block_params(widths)
+    block_weights_mb = 4 * block_params / 2**20
+    fits = {precision: fit(results, crops, block_weights_mb, precision) for precision, (crops, _, _) in spec.items()}
     fit_rows, check_notes = [], []
-    for crop, entry in fits.items():
-        for mode, layer in entry["stem_layer"].items():
-            fit_rows.append([crop, mode, f"{layer:.0f}", f"{entry['block'].get('off', float('nan')):.0f}",
-                             f"{entry['block'].get('on', float('nan')):.0f}", f"{entry['fixed'].get(mode, float('nan')):.0f}"])
-        for (layers, blocks, ckpt) in ((3, 1, False), (1, 3, False), (1, 3, True)):
-            point = next((p for p in results if (p.crop, p.layers, p.blocks, p.mode, p.checkpointing)
-                          == (crop, layers, blocks, "lora+stem", ckpt)), None)
-            state = "on" if ckpt else "off"
-            if point is not None and "lora+stem" in entry["fixed"] and state in entry["block"]:
-                predicted = (entry["fixed"]["lora+stem"] + layers * entry["stem_layer"]["lora+stem"]
-                             + blocks * entry["block"][state] + entry.get("ckpt_offset", {}).get(state, 0.0))
-                measured = results[point]["peak_mb"]
-                check_notes.append(f"depth check crop {crop}, {layers} layers / {blocks} blocks (lora+stem, trunk "
-                                   f"checkpointing {state}): predicted {predicted:.0f} MiB, measured {measured:.0f} "
-                                   f"MiB ({(predicted - measured) / measured * 100:+.1f} %)")
-    check_notes.append(f"a checkpointed block is taken as at least its weights ({block_weights_mb:.0f} MiB) when the "
-                       "measured difference is smaller (below the resident-memory noise); checkpointing adds a "
-                       "fixed offset (one block recomputed during backward), measured at (1, 1): "
-                       + ", ".join(f"crop {c} {e['ckpt_offset'].get('on', float('nan')):.0f} MiB" for c, e in fits.items()))
-    sections.append(make_section("Per-unit costs (MiB), from the (2,1) - (1,1) and (1,2) - (1,1) differences",
-                                 ["crop", "method", "stem layer", "trunk block (ckpt off)", "trunk block (ckpt on)",
-                                  "rest F"], fit_rows, check_notes))
-    # Extrapolation to 36 layers + 48 blocks.
-    counts = {mode: full_size_trainable(mode, widths=widths)
-              for mode in ("lora+stem", "lorta+stem", "lora frozen stem", "full")}
-    block_params = None
-    pred_rows, plan_json = [], {"crops": {}, "gpu_sizes_gb": list(GPU_SIZES_GB)}
-    for crop, entry in fits.items():
-        plan_json["crops"][str(crop)] = {}
-        for mode in ("lora+stem", "lorta+stem", "lora frozen stem", "full"):
-            measured_mode = mode if mode in entry["stem_layer"] else "lora+stem"
-            if measured_mode not in entry["fixed"]:
-                continue
-            for ckpt in (False, True):
-                if ("on" if ckpt else "off") not in entry["block"]:
+    for precision, by_crop in fits.items():
+        for crop, entry in by_crop.items():
+            if "estimated" in entry:
+                check_notes.append(f"{precision} crop {crop}: {entry['estimated']}; its rows without checkpointing "
+                                   "use it (the checkpointed rows do not depend on it)")
+            for mode, layer in entry["stem_layer"].items():
+                fit_rows.append([crop, precision, mode, f"{layer:.0f}", f"{entry['block'].get('off', float('nan')):.0f}",
+                                 f"{entry['block'].get('on', float('nan')):.0f}",
+                                 f"{entry['fixed'].get(mode, float('nan')):.0f}",
+                                 f"{entry['ckpt_offset'].get('on', float('nan')):.0f}"])
+            for layers, blocks, ckpt in ((3, 1, False), (1, 3, False), (1, 3, True)):
+                point = Point(crop, layers, blocks, "lora+stem", ckpt, widths=widths, precision=precision)
+                if point not in results:
                     continue
-                extra = 0.0
-                if mode == "full":
-                    # a trained block also holds its gradients (4 B / param; AdamW is in `trainable`)
-                    if block_params is None:
-                        block_params = _block_params(widths)
-                    extra = 4 * block_params / 2**20
-                trainable, total = counts[mode]
-                mb = predict_mb({**entry, "fixed": {measured_mode: entry["fixed"][measured_mode]},
-                                 "stem_layer": {measured_mode: entry["stem_layer"][measured_mode]}},
-                                measured_mode, ckpt, FULL_LAYERS, FULL_BLOCKS, trainable, extra)
-                # At the optimizer step weights, every gradient and the AdamW state coexist (activations freed):
-                # with few layers the measured peak falls earlier in backward, before most gradients exist.
-                mb = max(mb, (4 * total + 12 * trainable) / 2**20)
-                gb = mb / 1024
-                fits_in = [f"{size}" for size in GPU_SIZES_GB if gb <= size]
-                pred_rows.append([crop, mode, "on" if ckpt else "off", f"{gb:.1f}",
-                                  ", ".join(fits_in) + " GB" if fits_in else "none"])
-                plan_json["crops"][str(crop)][f"{mode}|{'on' if ckpt else 'off'}"] = round(gb, 2)
+                state = "on" if ckpt else "off"
+                where = (f"depth check {precision} crop {crop}, {layers} layers / {blocks} blocks (lora+stem, trunk "
+                         f"checkpointing {state})")
+                if "failed" in results[point]:
+                    check_notes.append(f"{where}: not measured ({results[point]['failed']})")
+                    continue
+                predicted = fitted_peak_mb(entry, layers, blocks, ckpt)
+                if predicted is None:
+                    continue
+                measured = results[point]["peak_mb"]
+                check_notes.append(f"{where}: predicted {predicted:.0f} MiB, measured {measured:.0f} MiB "
+                                   f"({(predicted - measured) / measured * 100:+.1f} %)")
+    check_notes.append(f"a checkpointed block is taken as at least its weights ({block_weights_mb:.0f} MiB) when the "
+                       "measured difference is smaller (below the resident-memory noise); checkpointing adds a fixed "
+                       "offset (one block recomputed during backward), measured at (1, 1) (last column)")
+    sections = [make_section(
+        "Per-unit costs (MiB), from the (2,1) - (1,1) and (1,2) - (1,1) differences",
+        ["crop", "precision", "method", "stem layer", "trunk block (ckpt off)", "trunk block (ckpt on)", "rest F",
+         "ckpt offset"], fit_rows, check_notes)]
+    # Extrapolation to 36 layers + 48 blocks.
+    counts = {mode: full_size_trainable(mode, widths=widths) for mode in MODES}
+    pred_rows = []
+    plan_json: dict = {"precisions": {}, "gpu_sizes_gb": list(GPU_SIZES_GB)}
+    for precision, by_crop in fits.items():
+        table = plan_json["precisions"].setdefault(precision, {})
+        for crop in by_crop:
+            for mode in MODES:
+                for ckpt in (False, True):
+                    trainable, total = counts[mode]
+                    predicted = predict_full_gb(by_crop, crop, mode, ckpt, trainable, total, block_params)
+                    if predicted is None:
+                        continue
+                    gb, source = predicted
+                    fits_in = [f"{size}" for size in GPU_SIZES_GB if gb <= size]
+                    pred_rows.append([crop, mode, "on" if ckpt else "off", precision, f"{gb:.1f}",
+                                      ", ".join(fits_in) + " GB" if fits_in else "none",
+                                      "" if source == "measured" else source])
+                    table.setdefault(str(crop), {})[f"{mode}|{'on' if ckpt else 'off'}"] = round(gb, 2)
     sections.append(make_section(
-        f"Predicted step peak of ESMFold v1 ({FULL_LAYERS} stem layers + {FULL_BLOCKS} trunk blocks), fp32, batch 1",
-        ["crop", "method", "trunk checkpointing", "predicted peak (GB)", "fits"], pred_rows,
+        f"Predicted step peak of ESMFold v1 ({FULL_LAYERS} stem layers + {FULL_BLOCKS} trunk blocks), batch 1",
+        ["crop", "method", "trunk checkpointing", "precision", "predicted peak (GB)", "fits", "method terms"],
+        pred_rows,
         ["predicted = F + 36 S + 48 T + AdamW state (8 B x trainable parameters of the full model, counted on the "
          "meta device), and at least weights + gradients + AdamW state together (4 B x all + 12 B x trainable "
-         "parameters: the optimizer step; this floor decides 'full', ~52.5 GB); 'full' trains everything (its "
-         "trunk blocks also hold gradients: + 4 B x block params); "
-         "GB = 2^30 bytes; GPU framework overhead (CUDA context, allocator fragmentation, ~1-3 GB) is not in it",
-         "bf16 autocast not measured on CPU: it halves activation bytes of the matmuls it covers, not the fp32 "
-         "weights, gradients or optimizer state"]))
+         "parameters: the optimizer step; this floor decides 'full' with checkpointing); 'full' trains everything "
+         "(its trunk blocks also hold gradients: + 4 B x block params); GB = 2^30 bytes; GPU framework overhead "
+         "(CUDA context, allocator fragmentation, ~1-3 GB) is not in it",
+         "method terms: empty = the method's own F and S measured at that crop and precision; otherwise lora+stem's "
+         "F and S at that crop plus the method's offset from lora+stem at the crop named (see bench_memory_plan."
+         "mode_terms)",
+         "bf16 = CPU autocast (Lightning's bf16-mixed on CPU, what foldtune runs there), a proxy for CUDA: both "
+         "cast the matmul-type ops (mm, bmm, matmul, linear, addmm, baddbmm) to bf16, so those activations are "
+         "2-byte on both, but the lists of ops autocast keeps in fp32 differ in detail, and CUDA's kernels "
+         "(cuBLAS workspaces, fused attention) and caching allocator differ; to be checked with `make bench-gpu`"]))
     return sections, plan_json
 
 

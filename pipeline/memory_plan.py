@@ -2,10 +2,11 @@
 `foldtune train --dry-run` and the warning before a run that will not fit the visible GPU.
 
 The numbers come from `benchmarks/bench_memory_plan.py` (CPU measurements at the real widths with 1-3
-layers / blocks, per-unit fit, extrapolated; docs/benchmarks.md), stored in `pipeline/memory_plan.json` as
-{"crops": {crop: {"<mode>|<trunk checkpointing on/off>": GB}}}. Modes: "lora+stem", "lorta+stem" (adapters on
-stem and trunk), "lora frozen stem" (adapters on the trunk only), "full". Batch 1, fp32, no recycling; GPU
-framework overhead (CUDA context, fragmentation) not included. No torch import.
+layers / blocks, per-unit fit, extrapolated; docs/benchmarks.md section 5), stored in
+`pipeline/memory_plan.json` as {"precisions": {"fp32" | "bf16": {crop: {"<mode>|<trunk checkpointing on/off>":
+GB}}}}. Modes: "lora+stem", "lorta+stem" (adapters on stem and trunk), "lora frozen stem" (adapters on the trunk
+only), "full". bf16 = the step under bf16-mixed autocast, measured with CPU autocast (a proxy for CUDA's). Batch 1,
+no recycling; GPU framework overhead (CUDA context, fragmentation) not included. No torch import.
 """
 
 from __future__ import annotations
@@ -51,29 +52,95 @@ def plan_mode(adapter: dict) -> str:
     return "lorta+stem" if method == "lorta" else "lora+stem"
 
 
+def plan_precision(precision: str) -> tuple[str | None, str]:
+    """(the plan's precision for a `trainer.precision`, or None; a note for the line).
+
+    The plan is for GPU runs, so `auto` is what it resolves to on a GPU (bf16-mixed where bf16 is supported,
+    pipeline.train._precision), whatever machine runs the dry run."""
+    precision = str(precision)
+    if precision in ("32", "32-true"):
+        return "fp32", ""
+    if precision == "bf16-mixed":
+        return "bf16", ""
+    if precision == "auto":
+        return "bf16", " (precision auto = bf16-mixed on a GPU)"
+    if precision == "16-mixed":
+        # fp16 autocast casts the same ops to a 2-byte type; not measured itself
+        return "bf16", " (16-mixed not measured: the bf16-mixed row, same autocast casts)"
+    return None, f"precision {precision} not measured (fp32 and bf16-mixed only)"
+
+
+def _quadratic(points: list[tuple[int, float]], crop: int) -> float:
+    """The quadratic in L through three (crop, GB) points, at ``crop`` (Lagrange form)."""
+    total = 0.0
+    for i, (xi, yi) in enumerate(points):
+        term = yi
+        for j, (xj, _) in enumerate(points):
+            if j != i:
+                term *= (crop - xj) / (xi - xj)
+        total += term
+    return total
+
+
+def row_at_crop(table: dict[str, dict], key: str, crop: int) -> tuple[float, str] | None:
+    """(GB, how it was read) of ``key`` at ``crop`` from one precision's {crop: {key: GB}}; None above the measured
+    crops (no extrapolation) or when the key is missing.
+
+    A measured crop: its row. Below the smallest: the smallest's (memory grows with the crop: an upper bound).
+    Between measured crops: the quadratic in L through the two bracketing crops and the next nearest one, since
+    every term of the prediction is at most quadratic in L (pair activations L^2, single activations L, weights
+    and optimizer state constant), kept between the two bracketing rows (the 'full' rows are a max() with a
+    constant floor, which a quadratic can overshoot). With only two measured crops the
+    next crop up (an upper bound: a straight line would undershoot the L^2 growth)."""
+    rows = {int(c): float(v[key]) for c, v in table.items() if key in v}
+    if not rows:
+        return None
+    measured = sorted(rows)
+    if crop in rows:
+        return rows[crop], ""
+    if crop < measured[0]:
+        return rows[measured[0]], f" (measured crop {measured[0]} >= {crop})"
+    if crop > measured[-1]:
+        return None
+    below = max(c for c in measured if c < crop)
+    above = min(c for c in measured if c > crop)
+    rest = [c for c in measured if c not in (below, above)]
+    if not rest:
+        return rows[above], f" (measured crop {above} >= {crop})"
+    third = min(rest, key=lambda c: abs(c - crop))
+    used = sorted((below, above, third))
+    low, high = sorted((rows[below], rows[above]))
+    value = min(max(_quadratic([(c, rows[c]) for c in used], crop), low), high)  # between its neighbours
+    return value, f" (quadratic in L through measured crops {', '.join(map(str, used))})"
+
+
 def estimate(cfg: dict, plan: dict | None = None) -> tuple[float | None, str]:
     """(predicted peak GB or None, one line saying what it is) for a resolved training config."""
     if not is_esmfold_v1(cfg):
         return None, "memory plan: measured for ESMFold v1 shapes (36 stem layers, 48 blocks) only; none for this model"
     plan = load_plan() if plan is None else plan
-    if not plan or not plan.get("crops"):
+    if not plan or not plan.get("precisions"):
         return None, "memory plan: not measured on this checkout (run benchmarks/bench_memory_plan.py --json " \
                      "pipeline/memory_plan.json)"
+    precision, precision_note = plan_precision(cfg.get("trainer", {}).get("precision", "auto"))
+    if precision is None:
+        return None, f"memory plan: {precision_note}"
+    table = plan["precisions"].get(precision)
+    if not table:
+        return None, f"memory plan: {precision} not measured on this checkout"
     crop = int(cfg.get("data", {}).get("crop_size") or 0)
-    measured = sorted(int(c) for c in plan["crops"])
-    at_least = [c for c in measured if c >= crop]
-    if not at_least:
-        return None, f"memory plan: crop {crop} is above the measured crops ({', '.join(map(str, measured))})"
-    use = at_least[0]
     ckpt = "on" if cfg.get("trainer", {}).get("grad_checkpointing") else "off"
     mode = plan_mode(cfg.get("adapter", {}))
-    table = plan["crops"][str(use)]
     key = f"{mode}|{ckpt}"
-    if key not in table:
-        return None, f"memory plan: {mode} with trunk checkpointing {ckpt} not measured"
-    gb = float(table[key])
+    if not any(key in row for row in table.values()):
+        return None, f"memory plan: {mode} with trunk checkpointing {ckpt} not measured ({precision})"
+    found = row_at_crop(table, key, crop)
+    if found is None:
+        measured = sorted(int(c) for c in table)
+        return None, (f"memory plan: crop {crop} is above the measured {precision} crops "
+                      f"({', '.join(map(str, measured))})")
+    gb, crop_note = found
     batch = int(cfg.get("data", {}).get("batch_size") or 1)
     note = "" if batch == 1 else f"; measured for batch 1 (activations grow with the batch of {batch})"
-    crop_note = "" if use == crop else f" (measured crop {use} >= {crop})"
-    return gb, (f"memory plan: ESMFold v1, {mode}, crop {crop}{crop_note}, trunk checkpointing {ckpt}: predicted "
-                f"step peak {gb:.1f} GB fp32 (+ CUDA context){note}")
+    return gb, (f"memory plan: ESMFold v1, {mode}, crop {crop}{crop_note}, trunk checkpointing {ckpt}, "
+                f"{precision}{precision_note}: predicted step peak {gb:.1f} GB (+ CUDA context){note}")
