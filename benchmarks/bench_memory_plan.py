@@ -1,25 +1,32 @@
 """Memory plan for fine-tuning ESMFold v1: step peak memory measured on CPU at the real widths with 1-3 stem
-layers / trunk blocks, per-unit costs fitted, and extrapolated to the full 36 layers + 48 blocks.
+layers / trunk blocks, per-unit costs fitted, and extrapolated to the full 36 layers + 48 blocks, in fp32 and
+under bf16 autocast.
 
-    python -m benchmarks.bench_memory_plan --out .bench/memory_plan.md [--crops 128 256] [--json pipeline/memory_plan.json]
+    python -m benchmarks.bench_memory_plan --out .bench/memory_plan.md [--crops 128 256 384] [--bf16-crops 128 256]
+        [--mode-crops 128 256] [--depth-crops 128 384] [--max-gib 12] [--reuse EARLIER.md ...] [--json pipeline/memory_plan.json]
 
 Shapes: ESM-2 3B stem widths (2560 hidden, 40 heads, 10240 MLP), trunk seq 1024 / pair 128 (head width 32),
-structure module 384 / 128 (8 blocks); batch 1, one real chain cropped to `crop`, fp32, no recycling.
+structure module 384 / 128 (8 blocks); batch 1, one real chain cropped to `crop`, no recycling.
 
-One measurement = a fresh process: the model with N stem layers and M trunk blocks (random weights), the
+One measurement = a fresh process: the model with N stem layers and M trunk blocks (random fp32 weights), the
 method attached, one forward + `pipeline.losses.folding_loss` + backward; the peak resident memory (VmHWM)
 above the process's memory before the model was built. That includes weights, activations and gradients;
 the AdamW state (2 x 4 bytes per trainable parameter) is added analytically (it is exact), so the optimizer
-step itself is not run.
+step itself is not run. Precision bf16 = what `trainer.precision: bf16-mixed` runs: Lightning's own
+bf16-mixed plugin context (CPU autocast, cache_enabled=False) around forward + loss, backward outside it; the
+structure module is not kept in fp32 in training (only `foldtune predict` does that), the losses are.
 
 Model of the cost: peak(N, M, L) = F(L) + N * S(L) + M * T(L) + 8 * trainable, where S is a stem layer
 (weights; plus activations and gradients when the stem is trained), T a trunk block (L^2 pair activations
 dominate) and F the rest (embeddings, structure module, heads, the crop's inputs). S and T come from
 (2, 1) - (1, 1) and (1, 2) - (1, 1); the fit is checked against a measured (3, 1) and (1, 3) before being
-extrapolated to N = 36, M = 48. Per crop a separate fit (no assumption on how S and T grow with L: a block's
-pair activations grow ~L^2, 0.77 -> 2.1 GB from crop 128 to 256). Trunk checkpointing adds a fixed offset
-(one block recomputed during its backward), and the prediction is at least weights + gradients + AdamW state
-(their sum at the optimizer step). `--json` writes the predicted table that `foldtune train --dry-run` reads.
+extrapolated to N = 36, M = 48. Per precision and crop a separate fit (no assumption on how S and T grow with
+L), except where a point exceeds the memory budget (`--max-gib`, per worker: such a point is stopped, or not
+started when the fit already predicts more, and becomes a table entry): a missing (1, 2) point without
+checkpointing gets T from the other crops (w + a L + b L^2), which the checkpointed rows do not depend on.
+Trunk checkpointing adds a fixed offset (one block recomputed during its backward), and the prediction is at
+least weights + gradients + AdamW state (their sum at the optimizer step). `--json` writes the predicted table
+that `foldtune train --dry-run` reads (pipeline/memory_plan.py).
 """
 
 from __future__ import annotations
