@@ -24,44 +24,58 @@ def _pair_distance(coords: np.ndarray, a: int, b: int) -> float:
 
 @numba.njit(cache=True, nogil=True)
 def _thresholds_passed(diff: float, thresholds: np.ndarray) -> int:
-    """How many lDDT thresholds (0.5, 1, 2, 4 A) a distance difference is within."""
+    """How many lDDT thresholds (0.5, 1, 2, 4 A) a distance difference is within. Branch-free: whether a
+    pair passes is data-dependent, so a branch per threshold is mispredicted about half the time."""
     passed = 0
     for t in range(thresholds.shape[0]):
-        if diff <= thresholds[t]:
-            passed += 1
+        passed += diff <= thresholds[t]
     return passed
 
 
 @numba.njit(cache=True, nogil=True)
-def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, i: np.ndarray, j: np.ndarray, d_ref: np.ndarray,
-                     thresholds: np.ndarray, preserved: np.ndarray) -> None:
-    """Add each pair's passed thresholds to ``preserved[i]`` and ``preserved[j]`` (metrics._lddt_counts).
+def lddt_pair_counts(model: np.ndarray, ref: np.ndarray, present: np.ndarray, starts: np.ndarray,
+                     partners: np.ndarray, thresholds: np.ndarray, preserved: np.ndarray) -> None:
+    """Add each pair's passed thresholds to ``preserved`` of both its atoms (metrics._lddt_counts).
 
-    coords (M, 3) float64 model atoms; present (M,) bool; i, j, d_ref (K,) the reference pairs;
+    model, ref (M, 3) float64 atoms; present (M,) bool (modelled); the reference pairs as rows
+    (metrics._pair_rows): atom a pairs with ``partners[starts[a]:starts[a + 1]]`` (int32). d_ref is recomputed
+    from ``ref`` with the arithmetic that made the pair list (metrics._distances), so it is the same number:
+    reading 4 bytes a pair instead of 24 (i, j, d_ref) keeps the ~10^5-10^6 pairs of a chain in cache.
     preserved (M,) float64 accumulator.
     """
-    for k in range(i.shape[0]):
-        a, b = i[k], j[k]
-        if not (present[a] and present[b]):
+    for a in range(starts.shape[0] - 1):
+        if not present[a]:
             continue
-        passed = _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, b)), thresholds)
-        preserved[a] += passed
-        preserved[b] += passed
+        row = 0
+        for k in range(starts[a], starts[a + 1]):
+            b = partners[k]
+            passed = _thresholds_passed(abs(_pair_distance(ref, a, b) - _pair_distance(model, a, b)), thresholds)
+            passed *= present[b]
+            row += passed
+            preserved[b] += passed
+        preserved[a] += row
 
 
 @numba.njit(cache=True, nogil=True)
-def lddt_group_passes(coords: np.ndarray, present: np.ndarray, left: np.ndarray, right: np.ndarray,
-                      d_ref: np.ndarray, thresholds: np.ndarray, group: np.ndarray, out: np.ndarray) -> None:
-    """Add each pair's passed thresholds to ``out[group[k]]`` (the symmetry test of metrics._resolve_symmetry).
+def lddt_symmetry_passes(coords: np.ndarray, present: np.ndarray, own: np.ndarray, swapped: np.ndarray,
+                         other: np.ndarray, d_ref: np.ndarray, thresholds: np.ndarray, group: np.ndarray,
+                         own_out: np.ndarray, swapped_out: np.ndarray) -> None:
+    """The symmetry test of metrics._resolve_symmetry for both namings in one pass: each pair's passed
+    thresholds with the symmetric atom read as ``own[k]`` go to ``own_out[group[k]]``, read as ``swapped[k]``
+    to ``swapped_out[group[k]]``.
 
-    left, right (K,) flat atom indices into coords (M, 3); group (K,) residue of the left atom.
+    coords (N, 3) float64 model atoms (flat atom37), present (N,) bool; own, swapped, other (K,) flat atom
+    indices; d_ref (K,) reference distances; group (K,) residue of the symmetric atom.
     """
-    for k in range(left.shape[0]):
-        a, b = left[k], right[k]
-        if not (present[a] and present[b]):
+    for k in range(other.shape[0]):
+        o = other[k]
+        if not present[o]:
             continue
-        passed = _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, b)), thresholds)
-        out[group[k]] += passed
+        a, b = own[k], swapped[k]
+        if present[a]:
+            own_out[group[k]] += _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, o)), thresholds)
+        if present[b]:
+            swapped_out[group[k]] += _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, b, o)), thresholds)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
