@@ -14,68 +14,99 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def _pair_distance(coords: np.ndarray, a: int, b: int) -> float:
-    # Same order as metrics._distances: ((dx^2 + dy^2) + dz^2), then sqrt.
-    dx = coords[a, 0] - coords[b, 0]
-    dy = coords[a, 1] - coords[b, 1]
-    dz = coords[a, 2] - coords[b, 2]
-    return np.sqrt(dx * dx + dy * dy + dz * dz)
+def _row_passes(scratch: np.ndarray, coords: np.ndarray, atom: int, partners: np.ndarray, present: np.ndarray,
+                d_ref: np.ndarray, lo: int, m: int, thresholds: np.ndarray) -> None:
+    """Thresholds passed by the m pairs (atom, partners[lo + k]) at reference distances d_ref[lo + k], the one
+    lDDT test of the kernels; written to scratch[5, :m] (0 where the partner is not modelled; the caller
+    checks ``atom``).
 
-
-@numba.njit(cache=True, nogil=True)
-def _thresholds_passed(diff: float, thresholds: np.ndarray) -> int:
-    """How many lDDT thresholds (0.5, 1, 2, 4 A) a distance difference is within. Branch-free: whether a
-    pair passes is data-dependent, so a branch per threshold is mispredicted about half the time."""
-    passed = 0
-    for t in range(thresholds.shape[0]):
-        passed += diff <= thresholds[t]
-    return passed
-
-
-@numba.njit(cache=True, nogil=True)
-def lddt_pair_counts(model: np.ndarray, ref: np.ndarray, present: np.ndarray, starts: np.ndarray,
-                     partners: np.ndarray, thresholds: np.ndarray, preserved: np.ndarray) -> None:
-    """Add each pair's passed thresholds to ``preserved`` of both its atoms (metrics._lddt_counts).
-
-    model, ref (M, 3) float64 atoms; present (M,) bool (modelled); the reference pairs as rows
-    (metrics._pair_rows): atom a pairs with ``partners[starts[a]:starts[a + 1]]`` (int32). d_ref is recomputed
-    from ``ref`` with the arithmetic that made the pair list (metrics._distances), so it is the same number:
-    reading 4 bytes a pair instead of 24 (i, j, d_ref) keeps the ~10^5-10^6 pairs of a chain in cache.
-    preserved (M,) float64 accumulator.
+    The partners are gathered into contiguous rows first (scratch 0-2: x, y, z, 3: modelled, 4: |d_ref -
+    d_model|): the loops after that have no indirection and no branch, so LLVM vectorises the square roots
+    and compares that the scalar loop spent most of its time in. d_model is ((dx^2 + dy^2) + dz^2) ** 0.5
+    with d = coords[atom] - coords[partner], as metrics._distances (a flipped sign squares the same).
     """
+    for k in range(m):
+        partner = partners[lo + k]
+        scratch[0, k] = coords[partner, 0]
+        scratch[1, k] = coords[partner, 1]
+        scratch[2, k] = coords[partner, 2]
+        scratch[3, k] = present[partner]
+    x, y, z = coords[atom, 0], coords[atom, 1], coords[atom, 2]
+    xs, ys, zs, ok, diff, passed = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]
+    for k in range(m):
+        dx = x - xs[k]
+        dy = y - ys[k]
+        dz = z - zs[k]
+        diff[k] = abs(d_ref[lo + k] - np.sqrt(dx * dx + dy * dy + dz * dz))
+        passed[k] = 0.0
+    for t in range(thresholds.shape[0]):
+        limit = thresholds[t]
+        for k in range(m):
+            passed[k] += diff[k] <= limit
+    for k in range(m):
+        passed[k] *= ok[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(starts: np.ndarray) -> np.ndarray:
+    """Buffers of _row_passes for the longest row."""
+    width = 1
+    for r in range(starts.shape[0] - 1):
+        width = max(width, starts[r + 1] - starts[r])
+    return np.empty((6, width))
+
+
+@numba.njit(cache=True, nogil=True)
+def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, starts: np.ndarray, partners: np.ndarray,
+                     d_ref: np.ndarray, thresholds: np.ndarray, preserved: np.ndarray, per_atom: bool) -> float:
+    """Thresholds passed by the reference pairs in the model (metrics._lddt_counts); returns their sum.
+
+    coords (M, 3) float64 model atoms; present (M,) bool (modelled); the pairs as rows (metrics._pair_rows):
+    atom a pairs with ``partners[starts[a]:starts[a + 1]]`` (int32), at reference distances ``d_ref`` (same
+    order). ``per_atom``: also add each pair's count to ``preserved`` (M,) of both its atoms.
+    """
+    scratch = _scratch(starts)
+    total = 0.0
     for a in range(starts.shape[0] - 1):
         if not present[a]:
             continue
-        row = 0
-        for k in range(starts[a], starts[a + 1]):
-            b = partners[k]
-            passed = _thresholds_passed(abs(_pair_distance(ref, a, b) - _pair_distance(model, a, b)), thresholds)
-            passed *= present[b]
-            row += passed
-            preserved[b] += passed
-        preserved[a] += row
+        lo, m = starts[a], starts[a + 1] - starts[a]
+        _row_passes(scratch, coords, a, partners, present, d_ref, lo, m, thresholds)
+        row = 0.0
+        for k in range(m):
+            row += scratch[5, k]
+        total += row
+        if per_atom:
+            for k in range(m):
+                preserved[partners[lo + k]] += scratch[5, k]
+            preserved[a] += row
+    return total
 
 
 @numba.njit(cache=True, nogil=True)
-def lddt_symmetry_passes(coords: np.ndarray, present: np.ndarray, own: np.ndarray, swapped: np.ndarray,
-                         other: np.ndarray, d_ref: np.ndarray, thresholds: np.ndarray, group: np.ndarray,
-                         own_out: np.ndarray, swapped_out: np.ndarray) -> None:
-    """The symmetry test of metrics._resolve_symmetry for both namings in one pass: each pair's passed
-    thresholds with the symmetric atom read as ``own[k]`` go to ``own_out[group[k]]``, read as ``swapped[k]``
-    to ``swapped_out[group[k]]``.
+def lddt_symmetry_gain(coords: np.ndarray, present: np.ndarray, others: np.ndarray, starts: np.ndarray,
+                       own: np.ndarray, swapped: np.ndarray, d_ref: np.ndarray, thresholds: np.ndarray,
+                       group: np.ndarray, gain: np.ndarray) -> None:
+    """The symmetry test of metrics._resolve_symmetry (metrics._symmetry_pairs' rows): adds to ``gain[group]``
+    the thresholds each pair passes with its symmetric atom read as ``swapped`` minus those it passes read
+    as ``own`` (counts are integers: the sum of the differences is exactly the difference of the sums).
 
-    coords (N, 3) float64 model atoms (flat atom37), present (N,) bool; own, swapped, other (K,) flat atom
-    indices; d_ref (K,) reference distances; group (K,) residue of the symmetric atom.
+    coords (N, 3) float64 model atoms (flat atom37), present (N,) bool. Row r: the non-symmetric atom
+    ``others[r]`` and the symmetric atoms of pairs ``starts[r]:starts[r + 1]``; d_ref their reference
+    distances, group their residues.
     """
-    for k in range(other.shape[0]):
-        o = other[k]
-        if not present[o]:
+    scratch = _scratch(starts)
+    kept = np.empty(scratch.shape[1])
+    for r in range(others.shape[0]):
+        other = others[r]
+        if not present[other]:
             continue
-        a, b = own[k], swapped[k]
-        if present[a]:
-            own_out[group[k]] += _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, o)), thresholds)
-        if present[b]:
-            swapped_out[group[k]] += _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, b, o)), thresholds)
+        lo, m = starts[r], starts[r + 1] - starts[r]
+        _row_passes(scratch, coords, other, own, present, d_ref, lo, m, thresholds)
+        kept[:m] = scratch[5, :m]
+        _row_passes(scratch, coords, other, swapped, present, d_ref, lo, m, thresholds)
+        for k in range(m):
+            gain[group[lo + k]] += scratch[5, k] - kept[k]
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})

@@ -773,7 +773,8 @@ def _lddt_counts(
     thresholds: Sequence[float],
     pairs: tuple[np.ndarray, ...] | None = None,
     total: np.ndarray | None = None,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: tuple[np.ndarray, ...] | None = None,
+    per_atom: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-atom lDDT counts, the one lDDT core of the project.
 
@@ -784,6 +785,8 @@ def _lddt_counts(
     threshold when both atoms are present in the model and | d_ref - d_model | <= threshold. ``pairs``:
     :func:`_contact_pairs` of the flattened batch, when the caller already has it; ``total``: its per-atom
     pair counts (:func:`_pair_totals`) and ``rows`` its :func:`_pair_rows` (properties of the reference alone).
+    ``per_atom=False`` (one structure, no batch): ``preserved`` is (1,), the sum over atoms, which is all a
+    global score needs (the compiled kernel then skips adding each pair to its two atoms).
     """
     shape = pred.shape[:-1]
     n_atoms = shape[-1]
@@ -796,32 +799,35 @@ def _lddt_counts(
     if total is None:
         total = _pair_totals(i, j, size)
     kernels = _kernels()
+    per_atom = per_atom or len(shape) > 1  # a batch needs the counts of each of its elements
     if kernels is not None:
-        starts, partners = rows if rows is not None else _pair_rows(i, j, size)
-        preserved = np.zeros(size)
-        kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(ref.reshape(-1, 3)),
-                                 np.ascontiguousarray(present), starts, partners,
-                                 np.asarray(thresholds, dtype=np.float64), preserved)
-        return preserved.reshape(shape), total.reshape(shape)
+        starts, partners, row_d_ref = rows if rows is not None else _pair_rows(i, j, d_ref, size)
+        preserved = np.zeros(size if per_atom else 0)
+        passed = kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present),
+                                          starts, partners, row_d_ref, np.asarray(thresholds, dtype=np.float64),
+                                          preserved, per_atom)
+        # Each unordered pair counts for both of its atoms.
+        return (preserved.reshape(shape) if per_atom else np.array([2.0 * passed])), total.reshape(shape)
     coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
     passed = _passed(d_ref, _distances(coords, i, j), present[i] & present[j], thresholds)
-    # Each unordered pair counts for both of its atoms.
     preserved = np.bincount(i, passed, size) + np.bincount(j, passed, size)
-    return preserved.reshape(shape), total.reshape(shape)
+    return (preserved.reshape(shape) if per_atom else preserved.sum(keepdims=True)), total.reshape(shape)
 
 
-def _pair_rows(i: np.ndarray, j: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The pair list as rows for the compiled kernel: atom a pairs with ``partners[starts[a]:starts[a + 1]]``.
+def _pair_rows(i: np.ndarray, j: np.ndarray, d_ref: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """The pair list as rows for the compiled kernel: atom a pairs with ``partners[starts[a]:starts[a + 1]]``
+    at distances ``d_ref[starts[a]:starts[a + 1]]``.
 
-    starts (size + 1,) int64, partners (K,) int32. :func:`_contact_pairs` emits pairs ordered by i already; any
-    other order is sorted first (counts are sums of integers: the order of the pairs does not change them).
+    starts (size + 1,) int64, partners (K,) int32, d_ref (K,). :func:`_contact_pairs` emits pairs ordered by i
+    already; any other order is sorted first (counts are sums of integers: the order of the pairs does not
+    change them).
     """
     if i.size > 1 and (i[1:] < i[:-1]).any():
         order = np.argsort(i, kind="stable")
-        i, j = i[order], j[order]
+        i, j, d_ref = i[order], j[order], d_ref[order]
     starts = np.zeros(size + 1, dtype=np.int64)
     np.cumsum(np.bincount(i, minlength=size), out=starts[1:])
-    return starts, j.astype(np.int32)
+    return starts, j.astype(np.int32), np.ascontiguousarray(d_ref, dtype=np.float64)
 
 
 def _pair_totals(i: np.ndarray, j: np.ndarray, size: int) -> np.ndarray:
@@ -844,10 +850,11 @@ def _resolve_symmetry(pred: np.ndarray, pred_mask: np.ndarray, symmetric: dict,
     present = pred_mask.reshape(-1)
     kernels = _kernels()
     if kernels is not None:
-        own_score, swapped_score = np.zeros(n_res), np.zeros(n_res)
-        kernels.lddt_symmetry_passes(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present), own,
-                                     swapped, other, d_ref, np.asarray(thresholds, dtype=np.float64), res_s,
-                                     own_score, swapped_score)
+        gain = np.zeros(n_res)
+        kernels.lddt_symmetry_gain(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present),
+                                   *symmetric["rows"], own, swapped, d_ref, np.asarray(thresholds, dtype=np.float64),
+                                   res_s, gain)
+        flip = gain > 0
     else:
         coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
 
@@ -855,8 +862,7 @@ def _resolve_symmetry(pred: np.ndarray, pred_mask: np.ndarray, symmetric: dict,
             passed = _passed(d_ref, _distances(coords, atom, other), present[atom] & present[other], thresholds)
             return np.bincount(res_s, passed, n_res)
 
-        own_score, swapped_score = score(own), score(swapped)
-    flip = swapped_score > own_score  # (L,)
+        flip = score(swapped) > score(own)  # (L,)
     return flip if flip.any() else None
 
 
@@ -864,9 +870,10 @@ def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndar
                     pairs: tuple[np.ndarray, ...]) -> dict | None:
     """The reference's side of :func:`_resolve_symmetry` (None when it has no symmetric side chain atom).
 
-    Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o): ``res_s`` residue of
-    s, ``own`` / ``swapped`` the flat atom37 index (L * 37) of s under the file's and the swapped naming,
-    ``other`` that of o, ``d_ref`` their reference distance. For all M reference atoms: ``atom_own`` /
+    Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o) and ordered by o:
+    ``res_s`` residue of s, ``own`` / ``swapped`` the flat atom37 index (L * 37) of s under the file's and the
+    swapped naming, ``other`` that of o, ``d_ref`` their reference distance; ``rows`` (distinct o, (R + 1,)
+    starts of their runs) for the compiled kernel. For all M reference atoms: ``atom_own`` /
     ``atom_swapped``, the flat index of the model atom each one is compared with under either naming.
     """
     n_types = rc.atom_type_num
@@ -880,9 +887,13 @@ def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndar
     mixed = sym_i != is_sym[j]
     i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
     s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
+    order = np.argsort(o, kind="stable")
+    s, o, d_ref = s[order], o[order], d_ref[order]
     atom_own, atom_swapped = atom_res * n_types + atom_type, atom_res * n_types + partner
+    first = np.flatnonzero(np.diff(o, prepend=-1))  # where each o's run starts
+    rows = (atom_own[o[first]], np.append(first, o.size).astype(np.int64))
     return {"res_s": atom_res[s], "own": atom_own[s], "swapped": atom_swapped[s], "other": atom_own[o],
-            "d_ref": d_ref, "atom_own": atom_own, "atom_swapped": atom_swapped}
+            "d_ref": d_ref, "rows": rows, "atom_own": atom_own, "atom_swapped": atom_swapped}
 
 
 def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, n_groups: int,
@@ -952,7 +963,7 @@ def lddt(
         rmask, pairs, total, rows = rest
         group = np.arange(pred.shape[0])
         preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs, total=total,
-                                        rows=rows)
+                                        rows=rows, per_atom=per_residue)
         result = _finish(preserved, total, None, pred.shape[0], len(thresholds), per_residue, math.nan)
         return _like(result, pred_pos) if per_residue else float(result)
     n_res = pred.shape[0]
@@ -974,7 +985,7 @@ def lddt(
         pred_atoms, pred_present = pred.reshape(-1, 3)[source], pmask.reshape(-1)[source]
     preserved, total = _lddt_counts(
         pred_atoms, ref_atoms, pred_present, np.ones(atom_res.shape, dtype=bool), atom_res, cutoff, thresholds,
-        pairs=pairs, total=total, rows=rows,
+        pairs=pairs, total=total, rows=rows, per_atom=per_residue,
     )
     result = _finish(preserved, total, atom_res, n_res, len(thresholds), per_residue, math.nan)
     return _like(result, pred_pos) if per_residue else float(result)
@@ -997,7 +1008,7 @@ def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT
         group = np.arange(ref.shape[0])
         pairs = _contact_pairs(ref[None], rmask[None], group[None], cutoff)
         size = ref.shape[0]
-        return "ca", ref, rmask, pairs, _pair_totals(pairs[0], pairs[1], size), _pair_rows(pairs[0], pairs[1], size)
+        return "ca", ref, rmask, pairs, _pair_totals(pairs[0], pairs[1], size), _pair_rows(*pairs, size)
     atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
     ref_atoms = ref[atom_res, atom_type]
     size = atom_res.shape[0]
@@ -1005,7 +1016,7 @@ def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT
     symmetric = None if aatype is None else _symmetry_pairs(atom_res, atom_type, _numpy(aatype, np.int64), pairs)
     return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], size),
             None if aatype is None else _numpy(aatype, np.int64).copy(), symmetric, ref_atoms,
-            _pair_rows(pairs[0], pairs[1], size))
+            _pair_rows(*pairs, size))
 
 
 def lddt_ca(

@@ -63,9 +63,13 @@ def test_lddt_counts_and_symmetry_flips_identical(numpy_then_compiled):
         args = (pred64[atom_res, atom_type], ref_atoms, present[atom_res, atom_type], np.ones(atom_res.size, bool),
                 atom_res, metrics.LDDT_INCLUSION_RADIUS, metrics.LDDT_THRESHOLDS)
         return (flip, metrics._lddt_counts(*args, pairs=pairs, total=total)[0],
-                metrics._lddt_counts(*args, pairs=shuffled, total=total)[0])
+                metrics._lddt_counts(*args, pairs=shuffled, total=total)[0],
+                metrics._lddt_counts(*args, pairs=pairs, total=total, per_atom=False)[0])
 
-    (flip, preserved, preserved_shuffled), (flip_c, preserved_c, preserved_shuffled_c) = numpy_then_compiled(counts)
+    (flip, preserved, preserved_shuffled, summed), (flip_c, preserved_c, preserved_shuffled_c, summed_c) = \
+        numpy_then_compiled(counts)
+    np.testing.assert_array_equal(summed, [preserved.sum()])
+    np.testing.assert_array_equal(summed_c, summed)
     assert flip is not None and 0 < flip.sum() < flip.size  # noisy side chains: some residues renamed
     np.testing.assert_array_equal(flip, flip_c)
     np.testing.assert_array_equal(preserved, preserved_c)
