@@ -13,6 +13,89 @@ import numba
 import numpy as np
 
 
+_BLOCK = 8  # consecutive atoms per block of the pair search (a residue's worth)
+
+
+@numba.njit(cache=True, nogil=True)
+def contact_pairs(coords: np.ndarray, present: np.ndarray, group: np.ndarray, n_batch: int, n_atoms: int,
+                  cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of metrics._contact_pairs, in its order (i, then j ascending): atoms i < j of one batch
+    element, of different groups, both present, d_ref <= cutoff.
+
+    coords (B * M, 3) float64, present / group (B * M,). Atoms are taken in blocks of consecutive ones; a
+    block whose bounding sphere lies beyond the cutoff from atom i (by more than a rounding margin: the
+    triangle inequality then puts every atom of it beyond) is skipped. Every other distance is computed
+    directly, in the arithmetic of metrics._distances, so the pairs and d_ref are the same numbers.
+    """
+    n_blocks = (n_atoms + _BLOCK - 1) // _BLOCK
+    centre = np.zeros((n_batch * n_blocks, 3))
+    reach = np.full(n_batch * n_blocks, -1.0)  # radius of the block's present atoms; -1: none present
+    for b in range(n_batch):
+        for block in range(n_blocks):
+            lo, hi = b * n_atoms + block * _BLOCK, b * n_atoms + min(n_atoms, (block + 1) * _BLOCK)
+            count = 0
+            c = np.zeros(3)
+            for atom in range(lo, hi):
+                if present[atom]:
+                    c += coords[atom]
+                    count += 1
+            if count == 0:
+                continue
+            c /= count
+            radius = 0.0
+            for atom in range(lo, hi):
+                if present[atom]:
+                    radius = max(radius, np.sqrt(((coords[atom] - c) ** 2).sum()))
+            centre[b * n_blocks + block] = c
+            reach[b * n_blocks + block] = radius
+    # Two passes, counting then writing (each array written once: no growing inside the loop).
+    n = _contact_scan(coords, present, group, n_batch, n_atoms, cutoff, centre, reach,
+                      np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0), False)
+    found_i, found_j, found_d = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n)
+    _contact_scan(coords, present, group, n_batch, n_atoms, cutoff, centre, reach, found_i, found_j, found_d, True)
+    return found_i, found_j, found_d
+
+
+@numba.njit(cache=True, nogil=True)
+def _contact_scan(coords: np.ndarray, present: np.ndarray, group: np.ndarray, n_batch: int, n_atoms: int,
+                  cutoff: float, centre: np.ndarray, reach: np.ndarray, found_i: np.ndarray, found_j: np.ndarray,
+                  found_d: np.ndarray, write: bool) -> int:
+    """The pairs of contact_pairs: their number, and with ``write`` the pairs themselves into found_*."""
+    n_blocks = (n_atoms + _BLOCK - 1) // _BLOCK
+    cutoff2 = cutoff * cutoff * (1.0 + 1e-9)  # beyond this squared distance the square root is > cutoff too
+    n = 0
+    for b in range(n_batch):
+        base = b * n_atoms
+        for a in range(base, base + n_atoms):
+            if not present[a]:
+                continue
+            x, y, z = coords[a, 0], coords[a, 1], coords[a, 2]
+            own = group[a]
+            for block in range((a + 1 - base) // _BLOCK, n_blocks):
+                k = b * n_blocks + block
+                if reach[k] < 0:
+                    continue
+                far = cutoff + reach[k] + 1e-6  # the margin covers the rounding of these few operations
+                cx, cy, cz = x - centre[k, 0], y - centre[k, 1], z - centre[k, 2]
+                if cx * cx + cy * cy + cz * cz > far * far:
+                    continue
+                for other in range(max(a + 1, base + block * _BLOCK), base + min(n_atoms, (block + 1) * _BLOCK)):
+                    dx = x - coords[other, 0]
+                    dy = y - coords[other, 1]
+                    dz = z - coords[other, 2]
+                    d2 = dx * dx + dy * dy + dz * dz
+                    if d2 > cutoff2 or not present[other] or group[other] == own:
+                        continue
+                    d = np.sqrt(d2)  # metrics._distances: ((dx^2 + dy^2) + dz^2) ** 0.5
+                    if d <= cutoff:
+                        if write:
+                            found_i[n] = a
+                            found_j[n] = other
+                            found_d[n] = d
+                        n += 1
+    return n
+
+
 @numba.njit(cache=True, nogil=True)
 def _row_passes(scratch: np.ndarray, coords: np.ndarray, atom: int, partners: np.ndarray, present: np.ndarray,
                 d_ref: np.ndarray, lo: int, m: int, thresholds: np.ndarray) -> None:

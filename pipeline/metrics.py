@@ -705,9 +705,16 @@ def _contact_pairs(
     (K,), with i and j flat indices into the B * M atoms (b * M + atom). Only ~15% of all-atom pairs lie
     within 15 Å, so everything after this works on the pair list. A float32 GEMM over row chunks preselects
     candidates with a margin far above its rounding error; ``d_ref`` is then computed directly (difference,
-    norm) in float64 and the cutoff applied to it, exactly as a direct all-pairs computation would.
+    norm) in float64 and the cutoff applied to it, exactly as a direct all-pairs computation would. The
+    compiled kernel is that direct computation, skipping blocks of atoms out of reach (same pairs, same
+    order; ~1.4x faster than the GEMM route, whose search per reference cost as much as scoring ten models).
     """
     n_batch, n_atoms = ref.shape[:2]
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.contact_pairs(np.ascontiguousarray(ref.reshape(-1, 3), dtype=np.float64),
+                                     np.ascontiguousarray(ref_mask.reshape(-1)), np.ascontiguousarray(group.reshape(-1)),
+                                     n_batch, n_atoms, float(cutoff))
     coords = np.ascontiguousarray(ref.reshape(-1, 3).T)  # (3, B * M): gathers of one coordinate are contiguous
     present, owner = ref_mask.reshape(-1), group.reshape(-1)
     all_present = bool(present.all())

@@ -78,6 +78,30 @@ def test_lddt_counts_and_symmetry_flips_identical(numpy_then_compiled):
     assert 0 < preserved.sum() < 4 * total.sum()
 
 
+def test_contact_pairs_identical(numpy_then_compiled):
+    """The compiled pair search returns the GEMM-preselected search's pairs, order and distances: all-atom
+    on 7W1F_B, and a CA batch with masked atoms (pairs only within each batch element)."""
+    ref, _, _ = model_on_reference("7w1f_B_model.pdb", "7w1f_B_target.pdb")
+    atom_res, atom_type = np.nonzero(ref.atom37_mask)
+    atoms = ref.atom37_positions[atom_res, atom_type].astype(np.float64)
+    ca = ref.atom37_positions[:, metrics.CA_INDEX].astype(np.float64)
+    batch = np.stack([ca, ca[::-1] + 1.0])
+    batch_mask = np.ones(batch.shape[:2], dtype=bool)
+    batch_mask[0, ::3] = batch_mask[1, 1::4] = False
+    groups = np.broadcast_to(np.arange(batch.shape[1]), batch.shape[:2])
+
+    def search():
+        return (metrics._contact_pairs(atoms[None], np.ones((1, atoms.shape[0]), bool), atom_res[None], 15.0),
+                metrics._contact_pairs(batch, batch_mask, groups, 15.0))
+
+    plain, compiled = numpy_then_compiled(search)
+    for ours, theirs in zip(compiled, plain):
+        assert theirs[0].size > 1000
+        for a, b in zip(ours, theirs):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
 def test_tm_search_kernels_agree_with_numpy(numpy_then_compiled):
     """TM-score / GDT / RMSD of the compiled search equal the NumPy search's on real and perturbed pairs."""
     rng = np.random.default_rng(1)
