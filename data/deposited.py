@@ -152,10 +152,13 @@ def seqres_sequences(text: str, parents: dict[str, str]) -> dict[str, DepositedS
     for line in _record_lines(text, "SEQRES"):
         names.setdefault(line[11:12].strip(), []).extend(line[19:].split())
     sequences = {}
+    # Once per distinct name / letter: a chain spells ~20 of them hundreds of times.
+    letter_of = {name: one_letter(name, parents) for name in set().union(*names.values())}
+    alternative_of = {letter: frozenset(letter) for letter in set(letter_of.values())}
     for chain, residues in names.items():
-        letters = "".join(one_letter(name, parents) for name in residues)
+        letters = "".join([letter_of[name] for name in residues])
         sequences[chain] = DepositedSequence(letters=letters, source="seqres",
-                                             alternatives=[frozenset(c) for c in letters])
+                                             alternatives=[alternative_of[c] for c in letters])
     return sequences
 
 

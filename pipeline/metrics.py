@@ -891,7 +891,7 @@ def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndar
         return None
     i, j, d_ref = pairs
     sym_i = is_sym[i]
-    mixed = sym_i != is_sym[j]
+    mixed = np.flatnonzero(sym_i != is_sym[j])  # one index for the four selections (cheaper than a mask each)
     i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
     s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
     order = np.argsort(o, kind="stable")
