@@ -503,6 +503,9 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     n = x.shape[0]
     x = x - x.mean(0)  # centring keeps the expanded distance formula precise
     y = y - y.mean(0)
+    kernels = _kernels()
+    if kernels is not None:  # the same search in one compiled call
+        return _tm_search_compiled(kernels, x, y, l_ref, max_iter)
     d0 = tm_d0(l_ref)
     d0_search = min(max(d0, 4.5), 8.0)
     feats = _pair_features(x, y)  # (n, 16)
@@ -526,9 +529,6 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=(n + 7) // 8, dtype=np.int64)
     d02 = d0 * d0
     seen = np.zeros(0, dtype=np.int64)
-    kernels = _kernels()
-    if kernels is not None:  # the same search, each round's (candidates x pairs) work in one compiled pass
-        return _tm_search_compiled(kernels, x, y, l_ref, d0, d0_search, feats_t, sums, max_iter)
     # Work buffers for the largest round (the seeds); later rounds use their first rows.
     dist_buffer = np.empty((sums.shape[1], n))
     below_buffer = np.empty((sums.shape[1], n), dtype=bool)
@@ -590,53 +590,22 @@ def _new_pair_sets(keys: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.n
     return follow, np.sort(np.concatenate([seen, unique]))
 
 
-def _fit_from_sums_compiled(kernels, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_fit_from_sums` by ``kernels.kabsch_fits`` (same closed form, row by row); rows it flags go
-    through the NumPy function (closed form, SVD where that flags them too)."""
-    n_rows = sums.shape[1]
-    rot, trans, ok = np.empty((3, 3, n_rows)), np.empty((3, n_rows)), np.empty(n_rows, dtype=bool)
-    kernels.kabsch_fits(np.ascontiguousarray(sums), _CLOSED_FORM_MIN_SLOPE, rot, trans, ok)
-    if not ok.all():
-        hard = np.flatnonzero(~ok)
-        rot[:, :, hard], trans[:, hard] = _fit_from_sums(np.ascontiguousarray(sums[:, hard]))
-    return rot, trans
+def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int) -> dict:
+    """:func:`_tm_search` in one compiled call (``kernels.tm_search``): same seeds, rules and bookkeeping.
 
-
-def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, d0: float, d0_search: float,
-                        feats_t: np.ndarray, sums: np.ndarray, max_iter: int) -> dict:
-    """:func:`_tm_search` with each round's distance / GDT / TM / next-pair-set work in ``kernels.tm_round``.
-
-    Same rules and bookkeeping; distances are computed directly as |R x + t - y|^2 (the NumPy path expands
-    them into one GEMM), so results agree to rounding (tests/test_metrics_compiled.py).
+    Distances are computed directly as |R x + t - y|^2 (the NumPy path expands them into one GEMM) and a
+    followed pair set's sums are updated by the pairs that entered and left, so results agree to rounding
+    (tests/test_metrics_compiled.py). Also returns the RMSD of the all-pairs fit (seed 0).
     """
-    n = x.shape[0]
-    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
-    cut2 = np.square(np.asarray(_GDT_CUTOFFS, dtype=np.float64))
-    d02 = d0 * d0
-    best_tm, best_sum = -1.0, -1.0  # best_sum: the largest TM row sum so far (best_tm = best_sum d0^2 / L_ref)
+    d0 = tm_d0(l_ref)
+    d0_search = min(max(d0, 4.5), 8.0)
     best_gdt = np.full(len(_GDT_CUTOFFS), -1, dtype=np.int64)
-    pair_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=n, dtype=np.int64)
-    seen = np.zeros(0, dtype=np.int64)
-    mask_buffer = np.empty((sums.shape[1], n), dtype=np.uint8)
-    previous = np.zeros((0, n), dtype=np.uint8)  # pair sets of the candidates (none for the seeds)
-    for step in range(max_iter + 1):
-        rot, trans = _fit_from_sums_compiled(kernels, sums)
-        n_rows = sums.shape[1]
-        mask, changed, keys = mask_buffer[:n_rows], np.empty(n_rows, dtype=bool), np.empty(n_rows, dtype=np.int64)
-        base = d0_search + (1.0 if step > 0 else -1.0)
-        row_tm = kernels.tm_round(np.ascontiguousarray(rot), np.ascontiguousarray(trans), x, y, d02, cut2, base,
-                                  n > 3 and step < max_iter, previous, step > 0, pair_weights, mask, changed, keys,
-                                  best_gdt, best_sum)
-        best_sum = max(best_sum, row_tm)
-        best_tm = max(best_tm, row_tm * d02 / l_ref)
-        if step == max_iter or not changed.any():
-            break
-        follow, seen = _new_pair_sets(keys[changed], seen)
-        if follow.size == 0:
-            break
-        previous = mask[np.flatnonzero(changed)[follow]]
-        sums = _mm(feats_t, previous.astype(np.float64).T)
-    return {"tm": best_tm, "gdt": best_gdt}
+    hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=x.shape[0], dtype=np.int64)
+    best_sum, rmsd_all, _ = kernels.tm_search(
+        np.ascontiguousarray(x), np.ascontiguousarray(y), d0, d0_search,
+        np.asarray(_seed_lengths(x.shape[0]), dtype=np.int64), max_iter, np.square(np.asarray(_GDT_CUTOFFS)),
+        hash_weights, _CLOSED_FORM_MIN_SLOPE, best_gdt)
+    return {"tm": best_sum * d0 * d0 / l_ref, "gdt": best_gdt, "rmsd": rmsd_all}
 
 
 def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -> list[dict]:
@@ -661,7 +630,9 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
         raise ValueError("tm_score: no aligned residue pairs (mask is empty)")
     l_ref_all = np.full(n_batch, float(width)) if l_ref is None else _as(np, l_ref, np.float64).reshape(n_batch)
     results = []
-    with _single_threaded_blas():  # the search is many small ops: extra threads only add sync overhead
+    # The NumPy search is many small GEMMs: extra BLAS threads only add sync overhead. The compiled search
+    # uses no BLAS, and switching threadpools costs ~0.3 ms a call.
+    with _single_threaded_blas() if _kernels() is None else contextlib.nullcontext():
         for b in range(n_batch):
             keep = valid[b]
             xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
@@ -672,7 +643,7 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
                     "tm_score": float(found["tm"]),
                     "gdt_ts": float(frac[1:5].mean()),
                     "gdt_ha": float(frac[0:4].mean()),
-                    "rmsd": float(rmsd(xb, yb)),
+                    "rmsd": float(found["rmsd"]) if "rmsd" in found else float(rmsd(xb, yb)),
                     "n_aligned": int(n_ali[b]),
                     "l_ref": int(l_ref_all[b]),
                 }

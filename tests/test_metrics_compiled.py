@@ -130,6 +130,22 @@ def test_tm_search_kernels_agree_with_numpy(numpy_then_compiled):
             assert abs(a[key] - b[key]) <= 1e-9, (key, a, b)
 
 
+def test_tm_search_kernels_agree_on_degenerate_pairs(numpy_then_compiled):
+    """Collinear points (the closed form flags the fit: SVD inside the kernel), 1 and 3 pairs (no widening),
+    a mirror image (no proper rotation fits): the compiled search gives the NumPy search's values."""
+    rng = np.random.default_rng(3)
+    line = np.outer(np.arange(30), [1.0, 0.5, 0.2]) * 3.8 / np.linalg.norm([1.0, 0.5, 0.2])
+    chain = np.cumsum(rng.normal(size=(12, 3)) * 2.0, 0)
+    cases = [(line + rng.normal(scale=1e-9, size=line.shape), line), (line[:3] + 1.0, line[:3]),
+             (line[:1], line[:1] + 2.0), (chain * [1.0, 1.0, -1.0], chain)]
+
+    plain, compiled = numpy_then_compiled(lambda: [metrics.tm_score(x, y) for x, y in cases])
+    for a, b in zip(plain, compiled):
+        for key in ("tm_score", "gdt_ts", "gdt_ha", "rmsd"):
+            assert abs(a[key] - b[key]) <= 1e-9, (key, a, b)
+    assert plain[0]["tm_score"] > 0.999 and plain[3]["tm_score"] < 0.8  # a line fits; a mirror image does not
+
+
 def test_batch_scoring_switches_kernels_on_only_when_worth_it():
     """Kernels load (~1 s) only when the rows left are expected to save more than that."""
     assert not scoring.worth_compiling(0, 100, 0.0)
