@@ -16,55 +16,183 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
-def _pair_distance(coords: np.ndarray, a: int, b: int) -> float:
-    # Same order as metrics._distances: ((dx^2 + dy^2) + dz^2), then sqrt.
-    dx = coords[a, 0] - coords[b, 0]
-    dy = coords[a, 1] - coords[b, 1]
-    dz = coords[a, 2] - coords[b, 2]
-    return np.sqrt(dx * dx + dy * dy + dz * dz)
+_BLOCK = 8  # consecutive atoms per block of the pair search (a residue's worth)
 
 
 @numba.njit(cache=True, nogil=True)
-def _thresholds_passed(diff: float, thresholds: np.ndarray) -> int:
-    """How many lDDT thresholds (0.5, 1, 2, 4 A) a distance difference is within."""
-    passed = 0
+def contact_pairs(coords: np.ndarray, present: np.ndarray, group: np.ndarray, n_batch: int, n_atoms: int,
+                  cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of metrics._contact_pairs, in its order (i, then j ascending): atoms i < j of one batch
+    element, of different groups, both present, d_ref <= cutoff.
+
+    coords (B * M, 3) float64, present / group (B * M,). Atoms are taken in blocks of consecutive ones; a
+    block whose bounding sphere lies beyond the cutoff from atom i (by more than a rounding margin: the
+    triangle inequality then puts every atom of it beyond) is skipped. Every other distance is computed
+    directly, in the arithmetic of metrics._distances, so the pairs and d_ref are the same numbers.
+    """
+    n_blocks = (n_atoms + _BLOCK - 1) // _BLOCK
+    centre = np.zeros((n_batch * n_blocks, 3))
+    reach = np.full(n_batch * n_blocks, -1.0)  # radius of the block's present atoms; -1: none present
+    for b in range(n_batch):
+        for block in range(n_blocks):
+            lo, hi = b * n_atoms + block * _BLOCK, b * n_atoms + min(n_atoms, (block + 1) * _BLOCK)
+            count = 0
+            c = np.zeros(3)
+            for atom in range(lo, hi):
+                if present[atom]:
+                    c += coords[atom]
+                    count += 1
+            if count == 0:
+                continue
+            c /= count
+            radius = 0.0
+            for atom in range(lo, hi):
+                if present[atom]:
+                    radius = max(radius, np.sqrt(((coords[atom] - c) ** 2).sum()))
+            centre[b * n_blocks + block] = c
+            reach[b * n_blocks + block] = radius
+    # Two passes, counting then writing (each array written once: no growing inside the loop).
+    n = _contact_scan(coords, present, group, n_batch, n_atoms, cutoff, centre, reach,
+                      np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0), False)
+    found_i, found_j, found_d = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n)
+    _contact_scan(coords, present, group, n_batch, n_atoms, cutoff, centre, reach, found_i, found_j, found_d, True)
+    return found_i, found_j, found_d
+
+
+@numba.njit(cache=True, nogil=True)
+def _contact_scan(coords: np.ndarray, present: np.ndarray, group: np.ndarray, n_batch: int, n_atoms: int,
+                  cutoff: float, centre: np.ndarray, reach: np.ndarray, found_i: np.ndarray, found_j: np.ndarray,
+                  found_d: np.ndarray, write: bool) -> int:
+    """The pairs of contact_pairs: their number, and with ``write`` the pairs themselves into found_*."""
+    n_blocks = (n_atoms + _BLOCK - 1) // _BLOCK
+    cutoff2 = cutoff * cutoff * (1.0 + 1e-9)  # beyond this squared distance the square root is > cutoff too
+    n = 0
+    for b in range(n_batch):
+        base = b * n_atoms
+        for a in range(base, base + n_atoms):
+            if not present[a]:
+                continue
+            x, y, z = coords[a, 0], coords[a, 1], coords[a, 2]
+            own = group[a]
+            for block in range((a + 1 - base) // _BLOCK, n_blocks):
+                k = b * n_blocks + block
+                if reach[k] < 0:
+                    continue
+                far = cutoff + reach[k] + 1e-6  # the margin covers the rounding of these few operations
+                cx, cy, cz = x - centre[k, 0], y - centre[k, 1], z - centre[k, 2]
+                if cx * cx + cy * cy + cz * cz > far * far:
+                    continue
+                for other in range(max(a + 1, base + block * _BLOCK), base + min(n_atoms, (block + 1) * _BLOCK)):
+                    dx = x - coords[other, 0]
+                    dy = y - coords[other, 1]
+                    dz = z - coords[other, 2]
+                    d2 = dx * dx + dy * dy + dz * dz
+                    if d2 > cutoff2 or not present[other] or group[other] == own:
+                        continue
+                    d = np.sqrt(d2)  # metrics._distances: ((dx^2 + dy^2) + dz^2) ** 0.5
+                    if d <= cutoff:
+                        if write:
+                            found_i[n] = a
+                            found_j[n] = other
+                            found_d[n] = d
+                        n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_passes(scratch: np.ndarray, coords: np.ndarray, atom: int, partners: np.ndarray, present: np.ndarray,
+                d_ref: np.ndarray, lo: int, m: int, thresholds: np.ndarray) -> None:
+    """Thresholds passed by the m pairs (atom, partners[lo + k]) at reference distances d_ref[lo + k], the one
+    lDDT test of the kernels; written to scratch[5, :m] (0 where the partner is not modelled; the caller
+    checks ``atom``).
+
+    The partners are gathered into contiguous rows first (scratch 0-2: x, y, z, 3: modelled, 4: |d_ref -
+    d_model|): the loops after that have no indirection and no branch, so LLVM vectorises the square roots
+    and compares that the scalar loop spent most of its time in. d_model is ((dx^2 + dy^2) + dz^2) ** 0.5
+    with d = coords[atom] - coords[partner], as metrics._distances (a flipped sign squares the same).
+    """
+    for k in range(m):
+        partner = partners[lo + k]
+        scratch[0, k] = coords[partner, 0]
+        scratch[1, k] = coords[partner, 1]
+        scratch[2, k] = coords[partner, 2]
+        scratch[3, k] = present[partner]
+    x, y, z = coords[atom, 0], coords[atom, 1], coords[atom, 2]
+    xs, ys, zs, ok, diff, passed = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]
+    for k in range(m):
+        dx = x - xs[k]
+        dy = y - ys[k]
+        dz = z - zs[k]
+        diff[k] = abs(d_ref[lo + k] - np.sqrt(dx * dx + dy * dy + dz * dz))
+        passed[k] = 0.0
     for t in range(thresholds.shape[0]):
-        if diff <= thresholds[t]:
-            passed += 1
-    return passed
+        limit = thresholds[t]
+        for k in range(m):
+            passed[k] += diff[k] <= limit
+    for k in range(m):
+        passed[k] *= ok[k]
 
 
 @numba.njit(cache=True, nogil=True)
-def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, i: np.ndarray, j: np.ndarray, d_ref: np.ndarray,
-                     thresholds: np.ndarray, preserved: np.ndarray) -> None:
-    """Add each pair's passed thresholds to ``preserved[i]`` and ``preserved[j]`` (metrics._lddt_counts).
-
-    coords (M, 3) float64 model atoms; present (M,) bool; i, j, d_ref (K,) the reference pairs;
-    preserved (M,) float64 accumulator.
-    """
-    for k in range(i.shape[0]):
-        a, b = i[k], j[k]
-        if not (present[a] and present[b]):
-            continue
-        passed = _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, b)), thresholds)
-        preserved[a] += passed
-        preserved[b] += passed
+def _scratch(starts: np.ndarray) -> np.ndarray:
+    """Buffers of _row_passes for the longest row."""
+    width = 1
+    for r in range(starts.shape[0] - 1):
+        width = max(width, starts[r + 1] - starts[r])
+    return np.empty((6, width))
 
 
 @numba.njit(cache=True, nogil=True)
-def lddt_group_passes(coords: np.ndarray, present: np.ndarray, left: np.ndarray, right: np.ndarray,
-                      d_ref: np.ndarray, thresholds: np.ndarray, group: np.ndarray, out: np.ndarray) -> None:
-    """Add each pair's passed thresholds to ``out[group[k]]`` (the symmetry test of metrics._resolve_symmetry).
+def lddt_pair_counts(coords: np.ndarray, present: np.ndarray, starts: np.ndarray, partners: np.ndarray,
+                     d_ref: np.ndarray, thresholds: np.ndarray, preserved: np.ndarray, per_atom: bool) -> float:
+    """Thresholds passed by the reference pairs in the model (metrics._lddt_counts); returns their sum.
 
-    left, right (K,) flat atom indices into coords (M, 3); group (K,) residue of the left atom.
+    coords (M, 3) float64 model atoms; present (M,) bool (modelled); the pairs as rows (metrics._pair_rows):
+    atom a pairs with ``partners[starts[a]:starts[a + 1]]`` (int32), at reference distances ``d_ref`` (same
+    order). ``per_atom``: also add each pair's count to ``preserved`` (M,) of both its atoms.
     """
-    for k in range(left.shape[0]):
-        a, b = left[k], right[k]
-        if not (present[a] and present[b]):
+    scratch = _scratch(starts)
+    total = 0.0
+    for a in range(starts.shape[0] - 1):
+        if not present[a]:
             continue
-        passed = _thresholds_passed(abs(d_ref[k] - _pair_distance(coords, a, b)), thresholds)
-        out[group[k]] += passed
+        lo, m = starts[a], starts[a + 1] - starts[a]
+        _row_passes(scratch, coords, a, partners, present, d_ref, lo, m, thresholds)
+        row = 0.0
+        for k in range(m):
+            row += scratch[5, k]
+        total += row
+        if per_atom:
+            for k in range(m):
+                preserved[partners[lo + k]] += scratch[5, k]
+            preserved[a] += row
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def lddt_symmetry_gain(coords: np.ndarray, present: np.ndarray, others: np.ndarray, starts: np.ndarray,
+                       own: np.ndarray, swapped: np.ndarray, d_ref: np.ndarray, thresholds: np.ndarray,
+                       group: np.ndarray, gain: np.ndarray) -> None:
+    """The symmetry test of metrics._resolve_symmetry (metrics._symmetry_pairs' rows): adds to ``gain[group]``
+    the thresholds each pair passes with its symmetric atom read as ``swapped`` minus those it passes read
+    as ``own`` (counts are integers: the sum of the differences is exactly the difference of the sums).
+
+    coords (N, 3) float64 model atoms (flat atom37), present (N,) bool. Row r: the non-symmetric atom
+    ``others[r]`` and the symmetric atoms of pairs ``starts[r]:starts[r + 1]``; d_ref their reference
+    distances, group their residues.
+    """
+    scratch = _scratch(starts)
+    kept = np.empty(scratch.shape[1])
+    for r in range(others.shape[0]):
+        other = others[r]
+        if not present[other]:
+            continue
+        lo, m = starts[r], starts[r + 1] - starts[r]
+        _row_passes(scratch, coords, other, own, present, d_ref, lo, m, thresholds)
+        kept[:m] = scratch[5, :m]
+        _row_passes(scratch, coords, other, swapped, present, d_ref, lo, m, thresholds)
+        for k in range(m):
+            gain[group[lo + k]] += scratch[5, k] - kept[k]
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
