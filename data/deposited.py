@@ -124,16 +124,41 @@ def _code(value: str) -> str:
     return "" if value in ("?", ".") else value
 
 
+def _record_lines(text: str, record: str) -> list[str]:
+    """The lines of ``text`` that start with ``record`` (without their newline), in file order.
+
+    What ``re.findall("^" + record + ".*", text, re.M)`` returns, by substring search: a multiline ``^`` tests
+    every position of the text, ~10x slower on a file of atom records.
+    """
+    marker = "\n" + record
+    start = 0 if text.startswith(record) else text.find(marker) + 1
+    if start == 0 and not text.startswith(record):
+        return []
+    lines = []
+    while True:
+        end = text.find("\n", start)
+        if end < 0:
+            lines.append(text[start:])
+            return lines
+        lines.append(text[start:end])
+        start = text.find(marker, end) + 1  # the newline at ``end`` may itself start the next one
+        if start == 0:
+            return lines
+
+
 def seqres_sequences(text: str, parents: dict[str, str]) -> dict[str, DepositedSequence]:
     """{chain id: deposited sequence} from the ``SEQRES`` records of a PDB file (empty when there are none)."""
     names: dict[str, list[str]] = {}
-    for line in re.findall(r"^SEQRES.*", text, re.M):  # C-speed scan: most lines of a file are atoms
+    for line in _record_lines(text, "SEQRES"):
         names.setdefault(line[11:12].strip(), []).extend(line[19:].split())
     sequences = {}
+    # Once per distinct name / letter: a chain spells ~20 of them hundreds of times.
+    letter_of = {name: one_letter(name, parents) for name in set().union(*names.values())}
+    alternative_of = {letter: frozenset(letter) for letter in set(letter_of.values())}
     for chain, residues in names.items():
-        letters = "".join(one_letter(name, parents) for name in residues)
+        letters = "".join([letter_of[name] for name in residues])
         sequences[chain] = DepositedSequence(letters=letters, source="seqres",
-                                             alternatives=[frozenset(c) for c in letters])
+                                             alternatives=[alternative_of[c] for c in letters])
     return sequences
 
 

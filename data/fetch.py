@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from data.io import atomic_path, atomic_write_bytes
+from data.structure import mmcif_atom_site_problem
 
 FILES_URL = "https://files.rcsb.org/download"
 ENTRY_URL = "https://data.rcsb.org/rest/v1/core/entry"
@@ -177,10 +178,6 @@ def http_get(url: str, timeout: float, data: bytes | None = None, headers: dict 
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _loop_row_fields(line: str) -> int:
-    return len(re.findall(r"'[^']*'|\"[^\"]*\"|\S+", line))
-
-
 def validate_mmcif(payload: bytes, require_terminator: bool = True) -> str:
     """The mmCIF text of ``payload`` (gzip or plain); raises ``ValueError`` if it is not a complete mmCIF.
 
@@ -198,27 +195,9 @@ def validate_mmcif(payload: bytes, require_terminator: bool = True) -> str:
         raise ValueError("body: not UTF-8 text (binary?)") from None
     if not text.lstrip().startswith("data_"):
         raise ValueError(f"body: not mmCIF (starts with {text.lstrip()[:30]!r})")
-    lines = text.splitlines()
-    columns, rows, closed = 0, 0, False
-    last_row = ""
-    for index, line in enumerate(lines):
-        if line.startswith("_atom_site."):
-            columns += 1
-            continue
-        if columns and not closed:
-            stripped = line.strip()
-            if stripped.startswith(("#", "_", "loop_", "data_")):
-                closed = True
-                break
-            if stripped:
-                rows += 1
-                last_row = stripped
-    if not columns or not rows:
-        raise ValueError("body: mmCIF without _atom_site records")
-    if _loop_row_fields(last_row) != columns:
-        raise ValueError(f"body: truncated _atom_site loop (last row has {_loop_row_fields(last_row)} of {columns} values)")
-    if require_terminator and not closed:
-        raise ValueError("body: truncated (_atom_site loop not closed before end of file)")
+    problem = mmcif_atom_site_problem(text, require_terminator)
+    if problem is not None:
+        raise ValueError(f"body: {problem}")
     return text
 
 

@@ -28,6 +28,7 @@ _HEAVY_ELEMENTS = frozenset({"C", "N", "O", "S", "SE"})
 _HYDROGEN = "H"
 _HEADER_ID = re.compile(r"\s+([1-9][0-9A-Z]{3})\s*\Z")  # Biopython's HEADER idcode pattern
 _WIDTH = 80
+_CHARACTERS = np.array([chr(c) for c in range(256)])  # byte value -> one-character string
 
 
 def _header_id(header: list[str]) -> str | None:
@@ -73,6 +74,31 @@ def _decode(codes: np.ndarray, width: int) -> dict[int, str]:
     return {int(c): t.decode("ascii").strip().upper() for c, t in zip(distinct.tolist(), texts.tolist())}
 
 
+def _right_aligned(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(magnitude (n,) float64, negative (n,) bool) of a (w, n) uint8 block, one field per column, whose
+    fields are ``[blanks][-]digits`` (at least one digit), or None for any other layout.
+
+    Column-major so that every test below runs over long contiguous rows (an (n, w) layout spends most of
+    its time on the short inner axis). The magnitude is the digits as one integer; float64 holds it exactly
+    (w <= 15), and the powers of ten times the digit matrix is one BLAS product.
+    """
+    digit = columns - np.uint8(ord("0"))  # non-digits wrap around to > 9
+    is_digit = digit <= 9
+    minus = columns == ord("-")
+    # Once a digit appears only digits follow; a minus only right before the first digit.
+    if not ((is_digit | minus | (columns == ord(" "))).all() and is_digit[-1].all()
+            and (is_digit[1:] >= is_digit[:-1]).all() and (minus[:-1] <= is_digit[1:]).all()):
+        return None
+    digit[~is_digit] = 0
+    powers = 10.0 ** np.arange(columns.shape[0] - 1, -1, -1)
+    return powers @ digit.astype(np.float64), minus.any(0)
+
+
+def _signed(magnitude: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    # "-0" is 0 (as int() reads it), not -0.0
+    return np.where(negative & (magnitude > 0), -magnitude, magnitude)
+
+
 def _decimal(chars: np.ndarray, start: int, stop: int) -> np.ndarray:
     """(n,) float64 of a fixed-width decimal column, equal to Python's ``float()`` of each field.
 
@@ -81,22 +107,25 @@ def _decimal(chars: np.ndarray, start: int, stop: int) -> np.ndarray:
     go through NumPy's string conversion. Raises ValueError for a field that is not a number.
     """
     field = chars[:, start:stop]
-    is_point = field == ord(".")
-    points = np.flatnonzero(is_point[0])
-    if points.size == 1 and 0 < points[0] < field.shape[1] - 1 and is_point.sum() == field.shape[0] \
-            and is_point[:, points[0]].all():
+    points = np.flatnonzero(field[0] == ord("."))
+    if points.size == 1 and 0 < points[0] < field.shape[1] - 1 and (field[:, points[0]] == ord(".")).all():
         point = int(points[0])
-        whole, frac = field[:, :point], field[:, point + 1:]
-        is_digit = (whole >= ord("0")) & (whole <= ord("9"))
-        minus = whole == ord("-")
-        # [blanks][-]digits: once a digit appears only digits follow; a minus only right before the first digit.
-        if ((is_digit | minus | (whole == ord(" "))).all() and is_digit[:, -1].all()
-                and (is_digit[:, 1:] >= is_digit[:, :-1]).all() and (minus[:, :-1] <= is_digit[:, 1:]).all()
-                and ((frac >= ord("0")) & (frac <= ord("9"))).all()):
-            digits = np.concatenate([np.where(is_digit, whole - ord("0"), 0), frac - ord("0")], axis=1)
-            magnitude = digits.astype(np.int64) @ (10 ** np.arange(digits.shape[1] - 1, -1, -1, dtype=np.int64))
-            return np.where(minus.any(1), -magnitude, magnitude) / 10.0 ** frac.shape[1]
+        columns = np.ascontiguousarray(field.T)
+        # The whole digits followed by the fraction's as one integer (a point elsewhere is not a digit:
+        # declined); the fraction must be all digits.
+        found = _right_aligned(np.concatenate([columns[:point], columns[point + 1:]]))
+        if found is not None and (columns[point + 1:] - np.uint8(ord("0")) <= 9).all():
+            magnitude, negative = found
+            return _signed(magnitude, negative) / 10.0 ** (field.shape[1] - point - 1)
     return _columns(chars, start, stop).astype(np.float64)
+
+
+def _integer(chars: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """(n,) int64 of a fixed-width integer column (as ``int()`` of each field); ValueError if one is not."""
+    found = _right_aligned(np.ascontiguousarray(chars[:, start:stop].T))
+    if found is None:
+        return _columns(chars, start, stop).astype(np.int64)
+    return _signed(*found).astype(np.int64)
 
 
 def _change_points(*keys: np.ndarray) -> np.ndarray:
@@ -152,7 +181,7 @@ def observed_chains(text: str, parents: dict[str, str], renames: dict[str, dict[
         # x, y, z as one (3n, 8) column; occupancy and B-factor as one (2n, 6) column
         xyz = _decimal(np.ascontiguousarray(chars[:, 30:54]).reshape(-1, 8), 0, 8).reshape(-1, 3)
         bfactor = _decimal(np.ascontiguousarray(chars[:, 54:66]).reshape(-1, 6), 0, 6).reshape(-1, 2)[:, 1]
-        number = _columns(chars, 22, 26).astype(np.int64)
+        number = _integer(chars, 22, 26)
     except ValueError:
         return None
     # Names as integers (4 / 3 / 2 bytes), decoded only for their few distinct values.
@@ -170,19 +199,17 @@ def observed_chains(text: str, parents: dict[str, str], renames: dict[str, dict[
     starts_chain = _change_points(chain_code)
     starts_residue = _change_points(chain_code, number, code_code)
     residue = np.cumsum(starts_residue) - 1
-    if len(np.unique(chain_code)) != int(starts_chain.sum()):
+    # (the distinct values of a column are those of its runs' first rows: the tests below need only those)
+    if len(np.unique(chain_code[starts_chain])) != int(starts_chain.sum()):
         return None  # a chain id comes back after another chain
     keys = (chain_code << 48) + ((number + 2**31) << 8) + code_code
-    if len(np.unique(keys)) != int(starts_residue.sum()):
+    if len(np.unique(keys[starts_residue])) != int(starts_residue.sum()):
         return None  # a residue comes back later in the file
     if (_change_points(resname_code)[~starts_residue]).any():
         return None  # two residue names at one position (point mutation): Biopython picks one
     if len(np.unique((residue.astype(np.int64) << 32) + name_code)) != len(atoms):
         return None  # an atom name repeated within a residue
-    chain_ids = np.array([chr(c) for c in range(256)])[chain_code]
-    codes = np.array([chr(c) for c in range(256)])[code_code]
-    heavy = np.array([elements[c] != _HYDROGEN for c in element_code.tolist()]) if len(elements) > 1 else (
-        np.full(len(atoms), next(iter(elements.values())) != _HYDROGEN))
+    heavy = ~np.isin(element_code, [code for code, element in elements.items() if element == _HYDROGEN])
     first_atom = np.flatnonzero(starts_residue)
     n_residues = len(first_atom)
     residue_names = [resnames[c] for c in resname_code[first_atom].tolist()]
@@ -192,7 +219,8 @@ def observed_chains(text: str, parents: dict[str, str], renames: dict[str, dict[
 
     def has(atom: str) -> np.ndarray:
         found = np.zeros(n_residues, dtype=bool)
-        found[residue[np.isin(inverse, [k for k, name in enumerate(atom_names) if name == atom])]] = True
+        # distinct codes can decode to one name (" CA " and "CA  "): a flag per distinct code
+        found[residue[np.array([name == atom for name in atom_names])[inverse]]] = True
         return found
 
     has_ca, backbone = has("CA"), has("N") & has("CA") & has("C")
@@ -232,7 +260,8 @@ def observed_chains(text: str, parents: dict[str, str], renames: dict[str, dict[
     keep = heavy & allowed_slots[parent_code[residue], np.where(slot >= 0, slot, 37)]
 
     chains: list[tuple[str, dict]] = []
-    chain_of_residue = chain_ids[first_atom]
+    chain_of_residue = _CHARACTERS[chain_code[first_atom]]
+    codes = _CHARACTERS[code_code[first_atom]]  # insertion code of each residue
     kept_residue = np.array([p is not None for p in parent_of])
     for chain_id in dict.fromkeys(chain_of_residue.tolist()):
         kept = np.flatnonzero((chain_of_residue == chain_id) & kept_residue)
@@ -259,7 +288,7 @@ def observed_chains(text: str, parents: dict[str, str], renames: dict[str, dict[
             "aatype": np.array([rc.restype_order_with_x.get(c, rc.restype_num) for c in sequence], np.int64),
             "residue_index": np.arange(n, dtype=np.int64),
             "author_number": number[first_atom[kept]].astype(np.int64),
-            "insertion_code": np.array([c.strip() for c in codes[first_atom[kept]].tolist()], dtype="<U1"),
+            "insertion_code": np.array([c.strip() for c in codes[kept].tolist()], dtype="<U1"),
             "atom37_positions": positions,
             "atom37_mask": mask,
             "b_factors": bfac,

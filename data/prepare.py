@@ -18,7 +18,7 @@ import pandas as pd
 
 from data.chains import ERROR_COLUMNS, MANIFEST_COLUMNS, manifest_row, save_chain
 from data.io import atomic_path
-from data.structure import ProteinChain, read_chains
+from data.structure import ProteinChain, nonfinite_atoms, read_chains
 
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 
@@ -41,23 +41,6 @@ class ChainFilters:
         if self.max_resolution is not None and chain.resolution is not None and chain.resolution > self.max_resolution:
             return f"resolution {chain.resolution} > max_resolution {self.max_resolution}"
         return None
-
-
-def nonfinite_atoms(chain: ProteinChain) -> tuple["np.ndarray", list[str]]:
-    """(bad (N, 37) bool: present atoms whose coordinates are NaN or ±inf, one line per residue holding one,
-    e.g. ``residue 5 LEU: CA, CB`` in author numbering + insertion code)."""
-    import numpy as np
-
-    from data.residue_constants import atom_types, restype_1to3
-
-    bad = (np.asarray(chain.atom37_mask) > 0) & ~np.isfinite(np.asarray(chain.atom37_positions)).all(axis=-1)
-    lines = []
-    for index in np.flatnonzero(bad.any(axis=-1)):
-        number = f"{int(chain.author_number[index])}{str(chain.insertion_code[index]).strip()}"
-        name = restype_1to3.get(chain.sequence[index], "UNK")
-        atoms = ", ".join(atom_types[a] for a in np.flatnonzero(bad[index]))
-        lines.append(f"residue {number} {name}: {atoms}")
-    return bad, lines
 
 
 def mask_nonfinite_atoms(chain: ProteinChain) -> list[str]:
@@ -96,23 +79,6 @@ class PrepareSummary:
                 f"{self.chains_unreconciled} with an unreconciled deposited sequence (observed residues only); "
                 + (f"{self.atoms_masked} atoms with non-finite coordinates masked; " if self.atoms_masked else "")
                 + f"{self.seconds:.1f} s")
-
-
-def check_mmcif_complete(path: Path, require_terminator: bool = True) -> None:
-    """ValueError naming ``path`` when it is an mmCIF cut short: in the middle of an _atom_site row, or (with
-    `require_terminator`) at a line boundary, its _atom_site loop not closed by ``#`` or another item before
-    the end of the file, as fetch checks downloads; Biopython would read that as a shorter chain. PDB files
-    are checked by ``data.structure``."""
-    from data.fetch import validate_mmcif
-    from data.structure import detect_format, read_text
-
-    text = read_text(path)
-    if detect_format(text) != "mmcif" or not text.lstrip().startswith("data_"):
-        return
-    try:
-        validate_mmcif(text.encode("utf-8"), require_terminator=require_terminator)
-    except ValueError as exc:
-        raise ValueError(f"{path}: mmCIF: {str(exc).removeprefix('body: ')}") from None
 
 
 def is_structure_name(path: Path) -> bool:
@@ -233,8 +199,7 @@ def prepare_dataset(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
             try:
                 if not path.is_file():
                     raise ValueError(f"{path}: file: not found")
-                check_mmcif_complete(path)
-                parsed = read_chains(path, model=model)
+                parsed = read_chains(path, model=model, require_terminator=True)
             except ValueError as exc:
                 summary.files_rejected += 1
                 reject(path, "", "parse", str(exc))

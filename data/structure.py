@@ -195,9 +195,43 @@ def _check_pdb_records(text: str, path: Path) -> None:
         raise ValueError(f"{path}: atoms: no ATOM/HETATM records (not a coordinate file?)")
 
 
-def _check_mmcif_atom_site(text: str, path: Path) -> None:
+def _loop_row_fields(line: str) -> int:
+    return len(re.findall(r"'[^']*'|\"[^\"]*\"|\S+", line))
+
+
+def mmcif_atom_site_problem(text: str, require_terminator: bool = True) -> str | None:
+    """Why an mmCIF text's ``_atom_site`` loop is incomplete, or None: no rows, a last row with fewer values
+    than columns (a file cut inside a row), or (``require_terminator``) a loop not closed by ``#`` or another
+    item before the end of the file (a download cut at a line boundary; a model written by another tool may
+    legitimately end there). Biopython would read either cut as a shorter chain, or fail with IndexError."""
+    columns, rows, closed, last_row = 0, 0, False, ""
+    for line in text.splitlines():
+        if line.startswith("_atom_site."):
+            columns += 1
+            continue
+        if columns:
+            stripped = line.strip()
+            if stripped.startswith(("#", "_", "loop_", "data_")):
+                closed = True
+                break
+            if stripped:
+                rows += 1
+                last_row = stripped
+    if not columns or not rows:
+        return "mmCIF without _atom_site records"
+    if _loop_row_fields(last_row) != columns:
+        return f"truncated _atom_site loop (last row has {_loop_row_fields(last_row)} of {columns} values)"
+    if require_terminator and not closed:
+        return "truncated (_atom_site loop not closed before end of file)"
+    return None
+
+
+def _check_mmcif_atom_site(text: str, path: Path, require_terminator: bool) -> None:
     if "_atom_site." not in text:
         raise ValueError(f"{path}: _atom_site: no atom_site loop (not a coordinate file?)")
+    problem = mmcif_atom_site_problem(text, require_terminator)
+    if problem is not None:
+        raise ValueError(f"{path}: mmCIF: {problem}")
 
 
 def _pdb_id_from_name(path: Path) -> str:
@@ -271,9 +305,9 @@ def _deposited(reader, source, what: str) -> tuple[dict[str, DepositedSequence],
     return sequences, f"no {what} in the file"
 
 
-def _parse(path: Path):
+def _parse(path: Path, require_terminator: bool = False):
     """(Biopython Structure, metadata dict, deposited sequences by chain id, why there are none) for a PDB
-    or mmCIF file."""
+    or mmCIF file (require_terminator: see :func:`mmcif_atom_site_problem`)."""
     from Bio.PDB import MMCIFParser, PDBParser
 
     text = read_text(path)
@@ -282,7 +316,7 @@ def _parse(path: Path):
         warnings.simplefilter("ignore")
         try:
             if fmt == "mmcif":
-                _check_mmcif_atom_site(text, path)
+                _check_mmcif_atom_site(text, path, require_terminator)
                 parser = MMCIFParser(QUIET=True)
                 structure = parser.get_structure(path.stem, io.StringIO(text))
                 metadata = _mmcif_metadata(parser._mmcif_dict)
@@ -473,12 +507,14 @@ def _read_plain_pdb(path: Path, model: int):
     return metadata, deposited, missing, entities
 
 
-def read_chains(path: str | os.PathLike, model: int = 1, plain_reader: bool = True) -> list[ProteinChain]:
+def read_chains(path: str | os.PathLike, model: int = 1, plain_reader: bool = True,
+                require_terminator: bool = False) -> list[ProteinChain]:
     """Every protein chain of ``model`` (1-based position in the file), in file order.
 
     Plain PDB files (ATOM records, one model, no alternate locations: predictions, cleaned references) are
     read by ``data.pdb_columns`` (~20x faster, same result); everything else by Biopython.
-    ``plain_reader=False`` always uses Biopython (tests compare the two).
+    ``plain_reader=False`` always uses Biopython (tests compare the two). An mmCIF whose _atom_site loop was
+    cut is refused (``require_terminator``: also one cut at a line boundary, as downloads are checked).
     Raises ``ValueError("{path}: {field}: ...")`` for unreadable files or files with no protein chain.
     """
     path = Path(path)
@@ -486,7 +522,7 @@ def read_chains(path: str | os.PathLike, model: int = 1, plain_reader: bool = Tr
     if found is not None:
         metadata, deposited, missing, entities = found
     else:
-        structure, metadata, deposited, missing = _parse(path)
+        structure, metadata, deposited, missing = _parse(path, require_terminator)
         entities = [(chain_entity.id, _chain_arrays(chain_entity)) for chain_entity in _select_model(structure, path, model)]
     chains = []
     for entity_id, arrays in entities:
@@ -522,6 +558,19 @@ def read_chain(path: str | os.PathLike, chain: str | None = None, model: int = 1
             return candidate
     available = ",".join(c.chain or "_" for c in chains)
     raise ValueError(f"{path}: chain: no protein chain {chain!r} (protein chains: {available})")
+
+
+def nonfinite_atoms(chain: ProteinChain) -> tuple[np.ndarray, list[str]]:
+    """(bad (N, 37) bool: present atoms whose coordinates are NaN or ±inf, one line per residue holding one,
+    e.g. ``residue 5 LEU: CA, CB`` in author numbering + insertion code)."""
+    bad = (np.asarray(chain.atom37_mask) > 0) & ~np.isfinite(np.asarray(chain.atom37_positions)).all(axis=-1)
+    lines = []
+    for index in np.flatnonzero(bad.any(axis=-1)):
+        number = f"{int(chain.author_number[index])}{str(chain.insertion_code[index]).strip()}"
+        name = rc.restype_1to3.get(chain.sequence[index], "UNK")
+        atoms = ", ".join(rc.atom_types[a] for a in np.flatnonzero(bad[index]))
+        lines.append(f"residue {number} {name}: {atoms}")
+    return bad, lines
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -503,6 +503,9 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     n = x.shape[0]
     x = x - x.mean(0)  # centring keeps the expanded distance formula precise
     y = y - y.mean(0)
+    kernels = _kernels()
+    if kernels is not None:  # the same search in one compiled call
+        return _tm_search_compiled(kernels, x, y, l_ref, max_iter)
     d0 = tm_d0(l_ref)
     d0_search = min(max(d0, 4.5), 8.0)
     feats = _pair_features(x, y)  # (n, 16)
@@ -526,9 +529,6 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=(n + 7) // 8, dtype=np.int64)
     d02 = d0 * d0
     seen = np.zeros(0, dtype=np.int64)
-    kernels = _kernels()
-    if kernels is not None:  # the same search, each round's (candidates x pairs) work in one compiled pass
-        return _tm_search_compiled(kernels, x, y, l_ref, d0, d0_search, feats_t, sums, max_iter)
     # Work buffers for the largest round (the seeds); later rounds use their first rows.
     dist_buffer = np.empty((sums.shape[1], n))
     below_buffer = np.empty((sums.shape[1], n), dtype=bool)
@@ -590,53 +590,22 @@ def _new_pair_sets(keys: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.n
     return follow, np.sort(np.concatenate([seen, unique]))
 
 
-def _fit_from_sums_compiled(kernels, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_fit_from_sums` by ``kernels.kabsch_fits`` (same closed form, row by row); rows it flags go
-    through the NumPy function (closed form, SVD where that flags them too)."""
-    n_rows = sums.shape[1]
-    rot, trans, ok = np.empty((3, 3, n_rows)), np.empty((3, n_rows)), np.empty(n_rows, dtype=bool)
-    kernels.kabsch_fits(np.ascontiguousarray(sums), _CLOSED_FORM_MIN_SLOPE, rot, trans, ok)
-    if not ok.all():
-        hard = np.flatnonzero(~ok)
-        rot[:, :, hard], trans[:, hard] = _fit_from_sums(np.ascontiguousarray(sums[:, hard]))
-    return rot, trans
+def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int) -> dict:
+    """:func:`_tm_search` in one compiled call (``kernels.tm_search``): same seeds, rules and bookkeeping.
 
-
-def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, d0: float, d0_search: float,
-                        feats_t: np.ndarray, sums: np.ndarray, max_iter: int) -> dict:
-    """:func:`_tm_search` with each round's distance / GDT / TM / next-pair-set work in ``kernels.tm_round``.
-
-    Same rules and bookkeeping; distances are computed directly as |R x + t - y|^2 (the NumPy path expands
-    them into one GEMM), so results agree to rounding (tests/test_metrics_compiled.py).
+    Distances are computed directly as |R x + t - y|^2 (the NumPy path expands them into one GEMM) and a
+    followed pair set's sums are updated by the pairs that entered and left, so results agree to rounding
+    (tests/test_metrics_compiled.py). Also returns the RMSD of the all-pairs fit (seed 0).
     """
-    n = x.shape[0]
-    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
-    cut2 = np.square(np.asarray(_GDT_CUTOFFS, dtype=np.float64))
-    d02 = d0 * d0
-    best_tm, best_sum = -1.0, -1.0  # best_sum: the largest TM row sum so far (best_tm = best_sum d0^2 / L_ref)
+    d0 = tm_d0(l_ref)
+    d0_search = min(max(d0, 4.5), 8.0)
     best_gdt = np.full(len(_GDT_CUTOFFS), -1, dtype=np.int64)
-    pair_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=n, dtype=np.int64)
-    seen = np.zeros(0, dtype=np.int64)
-    mask_buffer = np.empty((sums.shape[1], n), dtype=np.uint8)
-    previous = np.zeros((0, n), dtype=np.uint8)  # pair sets of the candidates (none for the seeds)
-    for step in range(max_iter + 1):
-        rot, trans = _fit_from_sums_compiled(kernels, sums)
-        n_rows = sums.shape[1]
-        mask, changed, keys = mask_buffer[:n_rows], np.empty(n_rows, dtype=bool), np.empty(n_rows, dtype=np.int64)
-        base = d0_search + (1.0 if step > 0 else -1.0)
-        row_tm = kernels.tm_round(np.ascontiguousarray(rot), np.ascontiguousarray(trans), x, y, d02, cut2, base,
-                                  n > 3 and step < max_iter, previous, step > 0, pair_weights, mask, changed, keys,
-                                  best_gdt, best_sum)
-        best_sum = max(best_sum, row_tm)
-        best_tm = max(best_tm, row_tm * d02 / l_ref)
-        if step == max_iter or not changed.any():
-            break
-        follow, seen = _new_pair_sets(keys[changed], seen)
-        if follow.size == 0:
-            break
-        previous = mask[np.flatnonzero(changed)[follow]]
-        sums = _mm(feats_t, previous.astype(np.float64).T)
-    return {"tm": best_tm, "gdt": best_gdt}
+    hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=x.shape[0], dtype=np.int64)
+    best_sum, rmsd_all, _ = kernels.tm_search(
+        np.ascontiguousarray(x), np.ascontiguousarray(y), d0, d0_search,
+        np.asarray(_seed_lengths(x.shape[0]), dtype=np.int64), max_iter, np.square(np.asarray(_GDT_CUTOFFS)),
+        hash_weights, _CLOSED_FORM_MIN_SLOPE, best_gdt)
+    return {"tm": best_sum * d0 * d0 / l_ref, "gdt": best_gdt, "rmsd": rmsd_all}
 
 
 def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -> list[dict]:
@@ -661,7 +630,9 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
         raise ValueError("tm_score: no aligned residue pairs (mask is empty)")
     l_ref_all = np.full(n_batch, float(width)) if l_ref is None else _as(np, l_ref, np.float64).reshape(n_batch)
     results = []
-    with _single_threaded_blas():  # the search is many small ops: extra threads only add sync overhead
+    # The NumPy search is many small GEMMs: extra BLAS threads only add sync overhead. The compiled search
+    # uses no BLAS, and switching threadpools costs ~0.3 ms a call.
+    with _single_threaded_blas() if _kernels() is None else contextlib.nullcontext():
         for b in range(n_batch):
             keep = valid[b]
             xb, yb = x[b][keep], y[b][keep]  # aligned pairs, in row order
@@ -672,7 +643,7 @@ def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -
                     "tm_score": float(found["tm"]),
                     "gdt_ts": float(frac[1:5].mean()),
                     "gdt_ha": float(frac[0:4].mean()),
-                    "rmsd": float(rmsd(xb, yb)),
+                    "rmsd": float(found["rmsd"]) if "rmsd" in found else float(rmsd(xb, yb)),
                     "n_aligned": int(n_ali[b]),
                     "l_ref": int(l_ref_all[b]),
                 }
@@ -705,9 +676,16 @@ def _contact_pairs(
     (K,), with i and j flat indices into the B * M atoms (b * M + atom). Only ~15% of all-atom pairs lie
     within 15 Å, so everything after this works on the pair list. A float32 GEMM over row chunks preselects
     candidates with a margin far above its rounding error; ``d_ref`` is then computed directly (difference,
-    norm) in float64 and the cutoff applied to it, exactly as a direct all-pairs computation would.
+    norm) in float64 and the cutoff applied to it, exactly as a direct all-pairs computation would. The
+    compiled kernel is that direct computation, skipping blocks of atoms out of reach (same pairs, same
+    order; ~1.4x faster than the GEMM route, whose search per reference cost as much as scoring ten models).
     """
     n_batch, n_atoms = ref.shape[:2]
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.contact_pairs(np.ascontiguousarray(ref.reshape(-1, 3), dtype=np.float64),
+                                     np.ascontiguousarray(ref_mask.reshape(-1)), np.ascontiguousarray(group.reshape(-1)),
+                                     n_batch, n_atoms, float(cutoff))
     coords = np.ascontiguousarray(ref.reshape(-1, 3).T)  # (3, B * M): gathers of one coordinate are contiguous
     present, owner = ref_mask.reshape(-1), group.reshape(-1)
     all_present = bool(present.all())
@@ -773,6 +751,8 @@ def _lddt_counts(
     thresholds: Sequence[float],
     pairs: tuple[np.ndarray, ...] | None = None,
     total: np.ndarray | None = None,
+    rows: tuple[np.ndarray, ...] | None = None,
+    per_atom: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-atom lDDT counts, the one lDDT core of the project.
 
@@ -782,7 +762,9 @@ def _lddt_counts(
     (float64). A pair counts when both atoms are in the reference within ``cutoff`` (<=); it passes a
     threshold when both atoms are present in the model and | d_ref - d_model | <= threshold. ``pairs``:
     :func:`_contact_pairs` of the flattened batch, when the caller already has it; ``total``: its per-atom
-    pair counts (:func:`_pair_totals`, a property of the reference alone).
+    pair counts (:func:`_pair_totals`) and ``rows`` its :func:`_pair_rows` (properties of the reference alone).
+    ``per_atom=False`` (one structure, no batch): ``preserved`` is (1,), the sum over atoms, which is all a
+    global score needs (the compiled kernel then skips adding each pair to its two atoms).
     """
     shape = pred.shape[:-1]
     n_atoms = shape[-1]
@@ -795,16 +777,35 @@ def _lddt_counts(
     if total is None:
         total = _pair_totals(i, j, size)
     kernels = _kernels()
+    per_atom = per_atom or len(shape) > 1  # a batch needs the counts of each of its elements
     if kernels is not None:
-        preserved = np.zeros(size)
-        kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present), i, j,
-                                 d_ref, np.asarray(thresholds, dtype=np.float64), preserved)
-        return preserved.reshape(shape), total.reshape(shape)
+        starts, partners, row_d_ref = rows if rows is not None else _pair_rows(i, j, d_ref, size)
+        preserved = np.zeros(size if per_atom else 0)
+        passed = kernels.lddt_pair_counts(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present),
+                                          starts, partners, row_d_ref, np.asarray(thresholds, dtype=np.float64),
+                                          preserved, per_atom)
+        # Each unordered pair counts for both of its atoms.
+        return (preserved.reshape(shape) if per_atom else np.array([2.0 * passed])), total.reshape(shape)
     coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
     passed = _passed(d_ref, _distances(coords, i, j), present[i] & present[j], thresholds)
-    # Each unordered pair counts for both of its atoms.
     preserved = np.bincount(i, passed, size) + np.bincount(j, passed, size)
-    return preserved.reshape(shape), total.reshape(shape)
+    return (preserved.reshape(shape) if per_atom else preserved.sum(keepdims=True)), total.reshape(shape)
+
+
+def _pair_rows(i: np.ndarray, j: np.ndarray, d_ref: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """The pair list as rows for the compiled kernel: atom a pairs with ``partners[starts[a]:starts[a + 1]]``
+    at distances ``d_ref[starts[a]:starts[a + 1]]``.
+
+    starts (size + 1,) int64, partners (K,) int32, d_ref (K,). :func:`_contact_pairs` emits pairs ordered by i
+    already; any other order is sorted first (counts are sums of integers: the order of the pairs does not
+    change them).
+    """
+    if i.size > 1 and (i[1:] < i[:-1]).any():
+        order = np.argsort(i, kind="stable")
+        i, j, d_ref = i[order], j[order], d_ref[order]
+    starts = np.zeros(size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(i, minlength=size), out=starts[1:])
+    return starts, j.astype(np.int32), np.ascontiguousarray(d_ref, dtype=np.float64)
 
 
 def _pair_totals(i: np.ndarray, j: np.ndarray, size: int) -> np.ndarray:
@@ -812,53 +813,46 @@ def _pair_totals(i: np.ndarray, j: np.ndarray, size: int) -> np.ndarray:
     return (np.bincount(i, minlength=size) + np.bincount(j, minlength=size)).astype(np.float64)
 
 
-def _resolve_symmetry(
-    pred: np.ndarray, pred_mask: np.ndarray, atom_res: np.ndarray, atom_type: np.ndarray,
-    aatype: np.ndarray, pairs: tuple[np.ndarray, ...], thresholds: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rename symmetric side-chain atoms of the model where that scores better (OST lDDTScorer rule).
+def _resolve_symmetry(pred: np.ndarray, pred_mask: np.ndarray, symmetric: dict,
+                      thresholds: Sequence[float]) -> np.ndarray | None:
+    """Which residues' symmetric side-chain atoms the model names the other way round (OST lDDTScorer rule).
 
-    pred: (L, 37, 3); pred_mask: (L, 37) bool; atom_res, atom_type: (M,) residue and atom37 index of the
-    M reference atoms that take part; aatype (L,); pairs: their :func:`_contact_pairs` (batch of one), or
-    already their :func:`_symmetry_pairs`.
+    pred: (L, 37, 3) float64; pred_mask: (L, 37) bool; symmetric: the reference's :func:`_symmetry_pairs`.
     For each residue with a symmetric group, the group's atoms are scored against every non-symmetric
     reference atom of other residues under both namings; the swapped naming is kept only if strictly better.
     Decisions are independent per residue because only non-symmetric atoms are used as partners.
-    Returns the renamed (pred, pred_mask).
+    Returns the (L,) bool residues to rename, or None when there is none.
     """
-    n_res, n_types = pred.shape[:2]
-    symmetric = _symmetry_pairs(atom_res, atom_type, aatype, pairs) if not isinstance(pairs, dict) else pairs
-    if symmetric is None:
-        return pred, pred_mask
-    swap, res_s, own_s, partner_s, other, d_ref = (symmetric[k] for k in
-                                                   ("swap", "res_s", "own_s", "partner_s", "other", "d_ref"))
-    coords, present = np.ascontiguousarray(pred.reshape(-1, 3).T), pred_mask.reshape(-1)
+    n_res = pred.shape[0]
+    own, swapped, other, d_ref, res_s = (symmetric[k] for k in ("own", "swapped", "other", "d_ref", "res_s"))
+    present = pred_mask.reshape(-1)
     kernels = _kernels()
+    if kernels is not None:
+        gain = np.zeros(n_res)
+        kernels.lddt_symmetry_gain(np.ascontiguousarray(pred.reshape(-1, 3)), np.ascontiguousarray(present),
+                                   *symmetric["rows"], own, swapped, d_ref, np.asarray(thresholds, dtype=np.float64),
+                                   res_s, gain)
+        flip = gain > 0
+    else:
+        coords = np.ascontiguousarray(pred.reshape(-1, 3).T)
 
-    def score(atom: np.ndarray) -> np.ndarray:
-        index = res_s * n_types + atom
-        if kernels is not None:
-            out = np.zeros(n_res)
-            kernels.lddt_group_passes(np.ascontiguousarray(coords.T), np.ascontiguousarray(present), index, other,
-                                      d_ref, np.asarray(thresholds, dtype=np.float64), res_s, out)
-            return out
-        passed = _passed(d_ref, _distances(coords, index, other), present[index] & present[other], thresholds)
-        return np.bincount(res_s, passed, n_res)
+        def score(atom: np.ndarray) -> np.ndarray:
+            passed = _passed(d_ref, _distances(coords, atom, other), present[atom] & present[other], thresholds)
+            return np.bincount(res_s, passed, n_res)
 
-    flip = score(partner_s) > score(own_s)  # (L,)
-    if not flip.any():
-        return pred, pred_mask
-    index = np.where(flip[:, None], swap, np.arange(n_types))
-    return np.take_along_axis(pred, index[..., None], axis=1), np.take_along_axis(pred_mask, index, axis=1)
+        flip = score(swapped) > score(own)  # (L,)
+    return flip if flip.any() else None
 
 
 def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndarray,
                     pairs: tuple[np.ndarray, ...]) -> dict | None:
     """The reference's side of :func:`_resolve_symmetry` (None when it has no symmetric side chain atom).
 
-    Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o): ``res_s`` residue of
-    s, ``own_s`` / ``partner_s`` its atom37 index under the file's and the swapped naming, ``other`` the flat
-    atom37 index (L * 37) of o, ``d_ref`` their reference distance; ``swap`` (L, 37) the renaming table.
+    Pairs of one symmetric and one non-symmetric atom, oriented (symmetric s, other o) and ordered by o:
+    ``res_s`` residue of s, ``own`` / ``swapped`` the flat atom37 index (L * 37) of s under the file's and the
+    swapped naming, ``other`` that of o, ``d_ref`` their reference distance; ``rows`` (distinct o, (R + 1,)
+    starts of their runs) for the compiled kernel. For all M reference atoms: ``atom_own`` /
+    ``atom_swapped``, the flat index of the model atom each one is compared with under either naming.
     """
     n_types = rc.atom_type_num
     swap = _SWAP[np.minimum(aatype, rc.restype_num)]  # (L, 37)
@@ -868,11 +862,16 @@ def _symmetry_pairs(atom_res: np.ndarray, atom_type: np.ndarray, aatype: np.ndar
         return None
     i, j, d_ref = pairs
     sym_i = is_sym[i]
-    mixed = sym_i != is_sym[j]
+    mixed = np.flatnonzero(sym_i != is_sym[j])  # one index for the four selections (cheaper than a mask each)
     i, j, d_ref, sym_i = i[mixed], j[mixed], d_ref[mixed], sym_i[mixed]
     s, o = np.where(sym_i, i, j), np.where(sym_i, j, i)
-    return {"swap": swap, "res_s": atom_res[s], "own_s": atom_type[s], "partner_s": partner[s],
-            "other": atom_res[o] * n_types + atom_type[o], "d_ref": d_ref}
+    order = np.argsort(o, kind="stable")
+    s, o, d_ref = s[order], o[order], d_ref[order]
+    atom_own, atom_swapped = atom_res * n_types + atom_type, atom_res * n_types + partner
+    first = np.flatnonzero(np.diff(o, prepend=-1))  # where each o's run starts
+    rows = (atom_own[o[first]], np.append(first, o.size).astype(np.int64))
+    return {"res_s": atom_res[s], "own": atom_own[s], "swapped": atom_swapped[s], "other": atom_own[o],
+            "d_ref": d_ref, "rows": rows, "atom_own": atom_own, "atom_swapped": atom_swapped}
 
 
 def _finish(preserved: np.ndarray, total: np.ndarray, group: np.ndarray | None, n_groups: int,
@@ -939,24 +938,32 @@ def lddt(
             pred = pred[:, CA_INDEX]
         if pmask.ndim == 2:
             pmask = pmask[:, CA_INDEX]
-        rmask, pairs, total, _ = rest
+        rmask, pairs, total, rows = rest
         group = np.arange(pred.shape[0])
-        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs, total=total)
+        preserved, total = _lddt_counts(pred, ref, pmask, rmask, group, cutoff, thresholds, pairs=pairs, total=total,
+                                        rows=rows, per_atom=per_residue)
         result = _finish(preserved, total, None, pred.shape[0], len(thresholds), per_residue, math.nan)
         return _like(result, pred_pos) if per_residue else float(result)
     n_res = pred.shape[0]
-    atom_res, atom_type, pairs, total, contacts_aatype, symmetric = rest
-    ref_atoms = ref[atom_res, atom_type]
-    present = np.ones(atom_res.shape, dtype=bool)
+    atom_res, atom_type, pairs, total, contacts_aatype, symmetric, ref_atoms, rows = rest
+    # The model atom compared with each reference atom: the same atom37 slot, or its symmetric partner in
+    # the residues that score better renamed.
+    source = None
     if aatype is not None:
         aatype = _numpy(aatype, np.int64)
         if contacts_aatype is None or not np.array_equal(contacts_aatype, aatype):
             symmetric = _symmetry_pairs(atom_res, atom_type, aatype, pairs)
         if symmetric is not None:
-            pred, pmask = _resolve_symmetry(pred, pmask, atom_res, atom_type, aatype, symmetric, thresholds)
+            flip = _resolve_symmetry(pred, pmask, symmetric, thresholds)
+            if flip is not None:
+                source = np.where(flip[atom_res], symmetric["atom_swapped"], symmetric["atom_own"])
+    if source is None:
+        pred_atoms, pred_present = pred[atom_res, atom_type], pmask[atom_res, atom_type]
+    else:
+        pred_atoms, pred_present = pred.reshape(-1, 3)[source], pmask.reshape(-1)[source]
     preserved, total = _lddt_counts(
-        pred[atom_res, atom_type], ref_atoms, pmask[atom_res, atom_type], present, atom_res, cutoff, thresholds,
-        pairs=pairs, total=total,
+        pred_atoms, ref_atoms, pred_present, np.ones(atom_res.shape, dtype=bool), atom_res, cutoff, thresholds,
+        pairs=pairs, total=total, rows=rows, per_atom=per_residue,
     )
     result = _finish(preserved, total, atom_res, n_res, len(thresholds), per_residue, math.nan)
     return _like(result, pred_pos) if per_residue else float(result)
@@ -973,18 +980,21 @@ def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT
     ref, rmask = _numpy(ref_pos, np.float64), _numpy(ref_mask) > 0
     if ca_only or ref.ndim == 2:
         if ref.ndim == 3:
-            ref = ref[:, CA_INDEX]
+            ref = np.ascontiguousarray(ref[:, CA_INDEX])
         if rmask.ndim == 2:
             rmask = rmask[:, CA_INDEX]
         group = np.arange(ref.shape[0])
         pairs = _contact_pairs(ref[None], rmask[None], group[None], cutoff)
-        return "ca", ref, rmask, pairs, _pair_totals(pairs[0], pairs[1], ref.shape[0]), None
+        size = ref.shape[0]
+        return "ca", ref, rmask, pairs, _pair_totals(pairs[0], pairs[1], size), _pair_rows(*pairs, size)
     atom_res, atom_type = np.nonzero(rmask)  # only reference atoms take part
-    present = np.ones(atom_res.shape, dtype=bool)
-    pairs = _contact_pairs(ref[atom_res, atom_type][None], present[None], atom_res[None], cutoff)  # shared by both steps
+    ref_atoms = ref[atom_res, atom_type]
+    size = atom_res.shape[0]
+    pairs = _contact_pairs(ref_atoms[None], np.ones((1, size), dtype=bool), atom_res[None], cutoff)  # shared by both steps
     symmetric = None if aatype is None else _symmetry_pairs(atom_res, atom_type, _numpy(aatype, np.int64), pairs)
-    return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], atom_res.shape[0]),
-            None if aatype is None else _numpy(aatype, np.int64).copy(), symmetric)
+    return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], size),
+            None if aatype is None else _numpy(aatype, np.int64).copy(), symmetric, ref_atoms,
+            _pair_rows(*pairs, size))
 
 
 def lddt_ca(

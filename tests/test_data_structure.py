@@ -227,3 +227,24 @@ def test_bad_inputs_raise_value_error_naming_the_file(tmp_path, name, payload, m
     with pytest.raises(ValueError, match=message) as info:
         read_chains(path)
     assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("text", ["", "SEQRES   1 A", "SEQRES   1 A\n", "HEADER\nSEQRES a\nSEQRES b\r\nATOM\nSEQRES",
+                                  "ATOM SEQRES\nxSEQRES\n SEQRES\nSEQRESSEQRES\n\nSEQRES", "\nSEQRES\n\n"])
+def test_record_lines_are_the_multiline_regex_matches(text):
+    """The substring scan that finds SEQRES records returns what the multiline regex it replaces did."""
+    import re
+
+    from data.deposited import _record_lines
+
+    assert _record_lines(text, "SEQRES") == re.findall(r"^SEQRES.*", text, re.M)
+
+
+def test_record_lines_of_shared_files():
+    import re
+
+    from data.deposited import _record_lines
+
+    for path in sorted(SHARED.glob("*.pdb")):
+        text = path.read_text(errors="replace")
+        assert _record_lines(text, "SEQRES") == re.findall(r"^SEQRES.*", text, re.M), path.name

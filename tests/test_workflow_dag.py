@@ -79,10 +79,21 @@ def test_dag_of_a_grid(tmp_path: Path):
     assert re.search(r"foldtune report --results results/micro --out results/micro .*--runs .*ideal_helix", out)
     # The resolved config (defaults filled) is what `foldtune train` reads.
     resolved = yaml.safe_load((tmp_path / "results/micro/workflow_config.yaml").read_text())
-    assert resolved["evaluate"]["baselines"] == ["ideal-helix"]
+    assert resolved["evaluate"]["baselines"] == ["ideal-helix"] and resolved["evaluate"]["precision"] == "fp32"
+    assert "--precision" not in out  # fp32 is predict's default
     assert resolved["data"]["split"] == {"identity": 0.4, "fractions": [0.8, 0.1, 0.1], "seed": 0,
                                          "date_cutoff": None}
     assert resolved["grid"]["targets"] == [["attn", "mlp"]] and resolved["report"]["gain_split"] is None
+
+
+def test_evaluate_precision_reaches_every_predict(tmp_path: Path):
+    config = micro_config(tmp_path, **{"evaluate.precision": "bf16", "grid.methods": ["lora"], "grid.ranks": [2],
+                                       "grid.seeds": [0]})
+    result = snakemake("--configfile", str(config), "-n", "-p", "--directory", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [line for line in result.stdout.splitlines() if "foldtune predict --run" in line]
+    assert len(runs) == 4 and all("--max-tokens 2048 --precision bf16 --no-progress" in line for line in runs), runs
+    assert all("--precision" not in line for line in result.stdout.splitlines() if "--baseline" in line)
 
 
 def test_target_and_part_sweeps_name_runs_and_no_base(tmp_path: Path):
@@ -151,6 +162,7 @@ def test_groups_head_only_control_and_a_shipped_base(tmp_path: Path):
     ({"grid.ranks": [0]}, r"grid\.ranks\.0: 0 is less than the minimum of 1"),
     ({"data.ids": [], "data.source_dirs": []}, r"data: none of the alternatives fit \(.*'ids_file' is a required property"),
     ({"experiment": "my experiment"}, r"experiment: 'my experiment' does not match"),
+    ({"evaluate.precision": "fp16"}, r"evaluate\.precision: 'fp16' is not one of"),
     ({"grid.budget": {"params": 1000, "rule": "closest"}}, r"grid\.budget\.rule: 'closest' is not one of"),
 ])
 def test_schema_rejects_bad_configs_naming_the_key(tmp_path: Path, change: dict, message: str):

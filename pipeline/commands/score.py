@@ -97,10 +97,6 @@ def _run(args: argparse.Namespace) -> int:
         if not (args.model and args.ref):
             print("foldtune score: need MODEL and REF (or --pairs / --predictions)", file=sys.stderr)
             return 2
-        from data.prepare import check_mmcif_complete
-
-        for path in (args.model, args.ref):  # a model from another tool may end its last loop without `#`
-            check_mmcif_complete(Path(path), require_terminator=False)
         result = scoring.score_pair(
             args.model, args.ref, chain1=args.chain1, chain2=args.chain2, model1=args.model1, model2=args.model2,
             align=args.align,

@@ -383,6 +383,8 @@ def predict_args(wildcards) -> str:
                       ("chunk_size", "--chunk-size")):
         if evaluate[key] is not None:
             args += [flag, str(evaluate[key])]
+    if evaluate["precision"] != "fp32":
+        args += ["--precision", evaluate["precision"]]
     return shlex.join(args)
 
 
@@ -400,7 +402,10 @@ def batched_out_template(wildcards) -> str:
 
 def predict_digest(wildcards) -> str:
     keys = ("max_tokens", "num_recycles", "chunk_size")
-    return json.dumps({key: config["evaluate"][key] for key in keys}, sort_keys=True)
+    digest = {key: config["evaluate"][key] for key in keys}
+    if config["evaluate"]["precision"] != "fp32":  # fp32 is left out: predictions made before the key existed stay valid
+        digest["precision"] = config["evaluate"]["precision"]
+    return json.dumps(digest, sort_keys=True)
 
 
 def score_input(wildcards) -> str:
