@@ -367,7 +367,7 @@ def tm_search(x: np.ndarray, y: np.ndarray, d0: float, d0_search: float, seed_le
     return best_sum, rmsd, n_svd
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _score_candidate(r: np.ndarray, t: np.ndarray, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray, us: np.ndarray,
                      vs: np.ndarray, ws: np.ndarray, d02: float, cut2: np.ndarray, base: float, widen: bool,
                      hash_weights: np.ndarray, dist2: np.ndarray, mask: np.ndarray, prev: np.ndarray,
@@ -460,7 +460,7 @@ def _adjugate4(m: np.ndarray, out: np.ndarray) -> None:
     out[3, 3] = m[2, 0] * s3 - m[2, 1] * s1 + m[2, 2] * s0
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _fit_row(sums: np.ndarray, min_slope: float, rot: np.ndarray, trans: np.ndarray, work: np.ndarray) -> bool:
     """Weighted Kabsch fit from one candidate's sums [sum w x y^T (9), sum w x, sum w y, sum w] (16,).
 
