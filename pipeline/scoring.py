@@ -184,8 +184,6 @@ def _warn_if_other_protein(model: ProteinChain, ref: ProteinChain, model_idx: np
 
 
 def _require_finite(chain: ProteinChain) -> None:
-    if np.isfinite(chain.atom37_positions).all():  # the common case, one pass: no residue to name
-        return
     _, residues = nonfinite_atoms(chain)
     if residues:
         more = f" (and {len(residues) - 1} more residues)" if len(residues) > 1 else ""
