@@ -503,11 +503,11 @@ def _tm_search(x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int = 20) -
     n = x.shape[0]
     x = x - x.mean(0)  # centring keeps the expanded distance formula precise
     y = y - y.mean(0)
-    kernels = _kernels()
-    if kernels is not None:  # the same search in one compiled call
-        return _tm_search_compiled(kernels, x, y, l_ref, max_iter)
     d0 = tm_d0(l_ref)
     d0_search = min(max(d0, 4.5), 8.0)
+    kernels = _kernels()
+    if kernels is not None:  # the same search in one compiled call
+        return _tm_search_compiled(kernels, x, y, l_ref, d0, d0_search, max_iter)
     feats = _pair_features(x, y)  # (n, 16)
     feats_t = np.ascontiguousarray(feats.T)
     # (17, n): the features plus |x|^2 + |y|^2, so that one GEMM gives squared distances.
@@ -590,22 +590,22 @@ def _new_pair_sets(keys: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.n
     return follow, np.sort(np.concatenate([seen, unique]))
 
 
-def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, max_iter: int) -> dict:
+def _tm_search_compiled(kernels, x: np.ndarray, y: np.ndarray, l_ref: float, d0: float, d0_search: float,
+                        max_iter: int) -> dict:
     """:func:`_tm_search` in one compiled call (``kernels.tm_search``): same seeds, rules and bookkeeping.
 
     Distances are computed directly as |R x + t - y|^2 (the NumPy path expands them into one GEMM) and a
     followed pair set's sums are updated by the pairs that entered and left, so results agree to rounding
-    (tests/test_metrics_compiled.py). Also returns the RMSD of the all-pairs fit (seed 0).
+    (tests/test_metrics_compiled.py). Also returns the RMSD of the all-pairs fit (seed 0) and ``svd_fits``, how
+    many fits the closed form flagged and the SVD solved.
     """
-    d0 = tm_d0(l_ref)
-    d0_search = min(max(d0, 4.5), 8.0)
     best_gdt = np.full(len(_GDT_CUTOFFS), -1, dtype=np.int64)
     hash_weights = np.random.default_rng(0).integers(-(2**62), 2**62, size=x.shape[0], dtype=np.int64)
-    best_sum, rmsd_all, _ = kernels.tm_search(
+    best_sum, rmsd_all, n_svd = kernels.tm_search(
         np.ascontiguousarray(x), np.ascontiguousarray(y), d0, d0_search,
         np.asarray(_seed_lengths(x.shape[0]), dtype=np.int64), max_iter, np.square(np.asarray(_GDT_CUTOFFS)),
         hash_weights, _CLOSED_FORM_MIN_SLOPE, best_gdt)
-    return {"tm": best_sum * d0 * d0 / l_ref, "gdt": best_gdt, "rmsd": rmsd_all}
+    return {"tm": best_sum * d0 * d0 / l_ref, "gdt": best_gdt, "rmsd": rmsd_all, "svd_fits": n_svd}
 
 
 def tm_score_batch(pred_ca, ref_ca, mask=None, l_ref=None, max_iter: int = 20) -> list[dict]:
@@ -690,34 +690,33 @@ def _contact_pairs(
     present, owner = ref_mask.reshape(-1), group.reshape(-1)
     all_present = bool(present.all())
     found_i, found_j, found_d = [], [], []
-    for b in range(n_batch):
-        weight = ref_mask[b, :, None]
-        centre = (ref[b] * weight).sum(0) / max(int(weight.sum()), 1)
-        approx = np.where(weight, ref[b] - centre, 0.0).astype(np.float32)  # absent atoms: dropped below
-        sq = (approx * approx).sum(-1, keepdims=True)
-        # d2 = |a|^2 + |b|^2 - 2 a.b as one GEMM: rows [a, |a|^2, 1] against columns [-2 b, 1, |b|^2].
-        rows = np.concatenate([approx, sq, np.ones_like(sq)], axis=1)
-        cols = np.ascontiguousarray(np.concatenate([-2.0 * approx, np.ones_like(sq), sq], axis=1).T)
-        # float32 error of that sum is < ~1e-6 max |a|^2: a 1e-4 margin keeps every true pair.
-        limit = cutoff * cutoff + 1e-4 * (1.0 + float(sq.max(initial=0.0)))
-        for lo in range(0, n_atoms, chunk):
-            # Upper triangle only: rows lo:lo+chunk against columns lo: (pairs i < j are kept below).
-            width = n_atoms - lo
-            with _single_threaded_blas():
-                product = _mm(rows[lo : lo + chunk], cols[:, lo:])
-            flat = np.flatnonzero(product <= limit)
-            i, j = np.divmod(flat, width)
-            i += b * n_atoms + lo
-            j += b * n_atoms + lo
-            keep = (j > i) & (owner[i] != owner[j])
-            if not all_present:
-                keep &= present[i] & present[j]
-            i, j = i[keep], j[keep]
-            d_ref = _distances(coords, i, j)
-            close = d_ref <= cutoff
-            found_i.append(i[close])
-            found_j.append(j[close])
-            found_d.append(d_ref[close])
+    with _single_threaded_blas():  # entered once: switching BLAS threads costs ~0.3 ms
+        for b in range(n_batch):
+            weight = ref_mask[b, :, None]
+            centre = (ref[b] * weight).sum(0) / max(int(weight.sum()), 1)
+            approx = np.where(weight, ref[b] - centre, 0.0).astype(np.float32)  # absent atoms: dropped below
+            sq = (approx * approx).sum(-1, keepdims=True)
+            # d2 = |a|^2 + |b|^2 - 2 a.b as one GEMM: rows [a, |a|^2, 1] against columns [-2 b, 1, |b|^2].
+            rows = np.concatenate([approx, sq, np.ones_like(sq)], axis=1)
+            cols = np.ascontiguousarray(np.concatenate([-2.0 * approx, np.ones_like(sq), sq], axis=1).T)
+            # float32 error of that sum is < ~1e-6 max |a|^2: a 1e-4 margin keeps every true pair.
+            limit = cutoff * cutoff + 1e-4 * (1.0 + float(sq.max(initial=0.0)))
+            for lo in range(0, n_atoms, chunk):
+                # Upper triangle only: rows lo:lo+chunk against columns lo: (pairs i < j are kept below).
+                width = n_atoms - lo
+                flat = np.flatnonzero(_mm(rows[lo : lo + chunk], cols[:, lo:]) <= limit)
+                i, j = np.divmod(flat, width)
+                i += b * n_atoms + lo
+                j += b * n_atoms + lo
+                keep = (j > i) & (owner[i] != owner[j])
+                if not all_present:
+                    keep &= present[i] & present[j]
+                i, j = i[keep], j[keep]
+                d_ref = _distances(coords, i, j)
+                close = d_ref <= cutoff
+                found_i.append(i[close])
+                found_j.append(j[close])
+                found_d.append(d_ref[close])
     if not found_i:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
@@ -991,10 +990,10 @@ def lddt_contacts(ref_pos, ref_mask, ca_only: bool = False, cutoff: float = LDDT
     ref_atoms = ref[atom_res, atom_type]
     size = atom_res.shape[0]
     pairs = _contact_pairs(ref_atoms[None], np.ones((1, size), dtype=bool), atom_res[None], cutoff)  # shared by both steps
-    symmetric = None if aatype is None else _symmetry_pairs(atom_res, atom_type, _numpy(aatype, np.int64), pairs)
-    return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], size),
-            None if aatype is None else _numpy(aatype, np.int64).copy(), symmetric, ref_atoms,
-            _pair_rows(*pairs, size))
+    aatype = None if aatype is None else _numpy(aatype, np.int64).copy()  # kept: lddt compares the model's
+    symmetric = None if aatype is None else _symmetry_pairs(atom_res, atom_type, aatype, pairs)
+    return ("all", ref, atom_res, atom_type, pairs, _pair_totals(pairs[0], pairs[1], size), aatype, symmetric,
+            ref_atoms, _pair_rows(*pairs, size))
 
 
 def lddt_ca(

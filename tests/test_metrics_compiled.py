@@ -144,6 +144,13 @@ def test_tm_search_kernels_agree_on_degenerate_pairs(numpy_then_compiled):
         for key in ("tm_score", "gdt_ts", "gdt_ha", "rmsd"):
             assert abs(a[key] - b[key]) <= 1e-9, (key, a, b)
     assert plain[0]["tm_score"] > 0.999 and plain[3]["tm_score"] < 0.8  # a line fits; a mirror image does not
+    assert metrics.use_compiled_kernels(True)
+    try:  # the collinear pair really takes the kernel's SVD path; a well-spread chain never does
+        collinear = metrics._tm_search(*cases[0], l_ref=30.0)["svd_fits"]
+        spread = metrics._tm_search(chain + rng.normal(scale=0.5, size=chain.shape), chain, l_ref=12.0)["svd_fits"]
+    finally:
+        metrics.use_compiled_kernels(False)
+    assert collinear > 0 and spread == 0, (collinear, spread)
 
 
 def test_batch_scoring_switches_kernels_on_only_when_worth_it():
