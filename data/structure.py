@@ -219,8 +219,9 @@ def mmcif_atom_site_problem(text: str, require_terminator: bool = True) -> str |
                 last_row = stripped
     if not columns or not rows:
         return "mmCIF without _atom_site records"
-    if _loop_row_fields(last_row) != columns:
-        return f"truncated _atom_site loop (last row has {_loop_row_fields(last_row)} of {columns} values)"
+    values = _loop_row_fields(last_row)
+    if values != columns:
+        return f"truncated _atom_site loop (last row has {values} of {columns} values)"
     if require_terminator and not closed:
         return "truncated (_atom_site loop not closed before end of file)"
     return None
@@ -305,13 +306,12 @@ def _deposited(reader, source, what: str) -> tuple[dict[str, DepositedSequence],
     return sequences, f"no {what} in the file"
 
 
-def _parse(path: Path, require_terminator: bool = False):
-    """(Biopython Structure, metadata dict, deposited sequences by chain id, why there are none) for a PDB
-    or mmCIF file (require_terminator: see :func:`mmcif_atom_site_problem`)."""
+def _parse(path: Path, text: str, fmt: str, require_terminator: bool = False):
+    """(Biopython Structure, metadata dict, deposited sequences by chain id, why there are none) for the
+    ``text`` of a PDB or mmCIF file (``fmt``: :func:`detect_format`; require_terminator: see
+    :func:`mmcif_atom_site_problem`)."""
     from Bio.PDB import MMCIFParser, PDBParser
 
-    text = read_text(path)
-    fmt = detect_format(text)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -487,15 +487,12 @@ def _normalise_chain_name(chain: str | None) -> str | None:
     return "" if chain.strip() in ("", "_", "(blank)") else chain.strip()
 
 
-def _read_plain_pdb(path: Path, model: int):
+def _read_plain_pdb(path: Path, text: str, fmt: str, model: int):
     """(metadata, deposited sequences, why none, [(chain id, observed arrays)]) by the vectorised reader
     (``data.pdb_columns``), or None when the file is not a plain PDB file (then Biopython reads it)."""
     from data.pdb_columns import observed_chains
 
-    if model != 1:
-        return None
-    text = read_text(path)
-    if detect_format(text) != "pdb":
+    if model != 1 or fmt != "pdb":
         return None
     found = observed_chains(text, MODIFIED_PARENT, ATOM_RENAME, _ALLOWED_ATOMS, _UNKNOWN_ATOMS, _WATER)
     if found is None:
@@ -518,11 +515,13 @@ def read_chains(path: str | os.PathLike, model: int = 1, plain_reader: bool = Tr
     Raises ``ValueError("{path}: {field}: ...")`` for unreadable files or files with no protein chain.
     """
     path = Path(path)
-    found = _read_plain_pdb(path, model) if plain_reader else None
+    text = read_text(path)  # read (and gunzipped) once for whichever reader takes the file
+    fmt = detect_format(text)
+    found = _read_plain_pdb(path, text, fmt, model) if plain_reader else None
     if found is not None:
         metadata, deposited, missing, entities = found
     else:
-        structure, metadata, deposited, missing = _parse(path, require_terminator)
+        structure, metadata, deposited, missing = _parse(path, text, fmt, require_terminator)
         entities = [(chain_entity.id, _chain_arrays(chain_entity)) for chain_entity in _select_model(structure, path, model)]
     chains = []
     for entity_id, arrays in entities:
